@@ -1,0 +1,1 @@
+"""Hugging Face <-> megamod checkpoint conversion (the tools/convert_hf.py command drives it)."""

@@ -1,0 +1,38 @@
+"""One forward pass through a (possibly tensor- and pipeline-parallel) model, returning full-vocabulary logits."""
+from __future__ import annotations
+
+import torch
+
+
+def forward_logits(model, input_ids_BS: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """fp32 logits [B, S, vocab_size] on the last pipeline stage (every TP rank), None on other stages.
+
+    The vocabulary shards are gathered here because this is a debugging/comparison tool; losses never do this.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    B, S = input_ids_BS.shape
+    position_ids_BS = torch.arange(S, device=input_ids_BS.device).unsqueeze(0).expand(B, S)
+    kept: list[torch.Tensor] = []
+
+    def loss_func(logits_BSV):
+        kept.append(logits_BSV.detach())
+        return logits_BSV.new_zeros(()), {}
+
+    def forward_step(data_iterator, m):
+        return m(input_ids_BS, position_ids_BS, None), loss_func
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+            seq_length=S, micro_batch_size=B, forward_only=True,
+        )
+    model.train(was_training)
+    if not ps.is_pipeline_last_stage():
+        return None
+    logits_BSV = tensor_parallel.gather_from_tensor_model_parallel_region(kept[0])
+    return logits_BSV[..., :vocab_size].float()

@@ -1,0 +1,176 @@
+"""The Qwen1.5 / Qwen2 family language model as a Megatron-Core GPTModel.
+
+One architecture: RMSNorm, SwiGLU, RoPE (rotate-half), q/k/v bias without output bias, GQA, tied or untied
+embeddings. Optionally sparse: `num_experts` turns the layers marked in `moe_layer_pattern` into MoE layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LanguageModelConfig:
+    """Architecture of a Qwen-family decoder. Field names follow Megatron; `from_hf` reads HF config.json."""
+
+    vocab_size: int  # the tokenizer's true vocabulary (rows that carry meaning); padding rows come on top
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int  # key/value heads (GQA); equal to num_attention_heads for MHA
+    ffn_hidden_size: int
+    kv_channels: int | None = None  # head dim; None means hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    norm_epsilon: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True
+    init_method_std: float = 0.02
+    # Embedding/output rows are padded to a multiple of this, independent of TP, so that one checkpoint loads at
+    # every TP size that divides it.
+    vocab_pad_multiple: int = 128
+    # Sparse (MoE) student; None means dense.
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_layer_pattern: list[int] = field(default_factory=list)  # 1 = MoE layer, 0 = dense; empty = all MoE
+    moe_aux_loss_coeff: float = 0.01
+    moe_ffn_hidden_size: int | None = None  # None means ffn_hidden_size (upcycled experts are FFN copies)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LanguageModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown language model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def validate(self, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} not divisible by "
+                f"num_query_groups {self.num_query_groups}"
+            )
+        if self.num_query_groups % tp:
+            raise ValueError(f"num_query_groups {self.num_query_groups} not divisible by tensor parallel size {tp}")
+        if self.padded_vocab_size % tp:
+            raise ValueError(
+                f"padded vocabulary {self.padded_vocab_size} (vocab_pad_multiple {self.vocab_pad_multiple}) "
+                f"not divisible by tensor parallel size {tp}"
+            )
+        if self.num_layers % pp:
+            raise ValueError(f"num_layers {self.num_layers} not divisible by pipeline parallel size {pp}")
+        if self.num_experts is not None:
+            if self.num_experts % ep:
+                raise ValueError(f"num_experts {self.num_experts} not divisible by expert parallel size {ep}")
+            if self.moe_layer_pattern and len(self.moe_layer_pattern) != self.num_layers:
+                raise ValueError(
+                    f"moe_layer_pattern has {len(self.moe_layer_pattern)} entries for {self.num_layers} layers"
+                )
+        elif ep != 1:
+            raise ValueError("expert parallel size > 1 needs a sparse model (num_experts set)")
+
+
+def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, sequence_parallel: bool = False,
+                       init_weights: bool = True, **overrides):
+    """Megatron TransformerConfig for `cfg` on the current parallel state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size()
+    cfg.validate(tp, pp, ep)
+    on_gpu = torch.cuda.is_available()
+    moe = {}
+    if cfg.num_experts is not None:
+        moe = dict(
+            num_moe_experts=cfg.num_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+            moe_layer_freq=list(cfg.moe_layer_pattern) or 1,
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss",
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=init_weights,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        sequence_parallel=sequence_parallel and tp > 1,
+        **moe,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, sequence_parallel: bool = False,
+                         init_weights: bool = True, vp_stage: int | None = None, use_te: bool | None = None):
+    """GPTModel for this rank's pipeline stage. `init_weights=False` skips random init (weights come from a
+    checkpoint), which matters for multi-billion-parameter models on CPU."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from megamod.models.specs import decoder_block_spec, transformer_engine_usable
+
+    config = transformer_config(cfg, params_dtype, sequence_parallel, init_weights)
+    use_te = transformer_engine_usable() if use_te is None else use_te
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, use_te, vp_stage=vp_stage),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rope_theta,
+        vp_stage=vp_stage,
+    )
+    model.megamod_config = cfg
+    return model

@@ -1,0 +1,54 @@
+"""Installs the megamod package and builds the megamod._C extension from csrc/.
+
+The C++ (CPU) kernels are always built. The CUDA kernels (csrc/*.cu) are added only when the installed torch
+has CUDA and nvcc is found, so a CPU machine never needs a CUDA toolchain to install megamod.
+Build with `pip install --no-build-isolation -e .` so that the already installed (pinned) torch is used.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    cxx_flags = ["-O3", "-std=c++17"]
+    with_cuda = (
+        os.environ.get("MEGAMOD_NO_CUDA", "0") != "1"
+        and cpp_extension.CUDA_HOME is not None
+        and __import__("torch").version.cuda is not None
+    )
+    if with_cuda:
+        return cpp_extension.CUDAExtension(
+            "megamod._C",
+            cpp_sources + cu_sources,
+            define_macros=[("MEGAMOD_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "megamod._C", cpp_sources, extra_compile_args=cxx_flags + ["-fopenmp"], extra_link_args=["-fopenmp"]
+    )
+
+
+def _requirements():
+    with open(os.path.join(HERE, "requirements.txt")) as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
+setup(
+    name="megamod",
+    version="0.1.0",
+    description="LLaVA-MoD distillation of vision-language models into small MoE students on Megatron-Core",
+    packages=find_packages(include=["megamod", "megamod.*"]),
+    python_requires=">=3.10",
+    install_requires=_requirements(),
+    extras_require={"gpu": ["transformer-engine[pytorch]"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["megamod=megamod.cli:main"]},
+)
