@@ -172,5 +172,31 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
         rotary_base=cfg.rope_theta,
         vp_stage=vp_stage,
     )
+    if not init_weights:
+        mark_tensor_parallel_weights(model)
     model.megamod_config = cfg
     return model
+
+
+def mark_tensor_parallel_weights(model) -> None:
+    """Tag TP-sharded weights as megatron-core's initialisers would.
+
+    megatron-core 0.16.1 sets `tensor_model_parallel`/`partition_dim` on linear and embedding weights only inside
+    its weight initialisers, so a model built with perform_initialization=False (weights to come from a
+    checkpoint) has untagged shards: the optimizer then treats them as TP duplicates and the gradient norm used for
+    clipping misses all but TP rank 0's shards.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)

@@ -1,0 +1,90 @@
+"""Runs a list of checks under torchrun, re-initialising Megatron's parallel state for each layout.
+
+Each job writes its results to files that the pytest process compares against single-process references.
+Job kinds:
+  logits: {"layout", "ckpt", "input_ids", "out"}  -> fp32 logits [S, V]
+  train:  {"layout", "ckpt", "batches", "steps", "lr", "out"}  -> losses per step and micro-batch, gradients of
+          step 1 as a dist checkpoint (canonical layout) under out/grads
+"""
+import faulthandler
+import json
+import os
+import sys
+
+import torch
+
+
+def _layout(job):
+    from megamod.distributed import ParallelConfig
+
+    return ParallelConfig(**job["layout"])
+
+
+def run_logits(job):
+    from megatron.core import parallel_state as ps
+
+    from megamod.commands.logits import compute_logits
+
+    logits_SV = compute_logits(job["ckpt"], job["input_ids"], **job["layout"])
+    if logits_SV is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(logits_SV, job["out"])
+
+
+def run_train(job):
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from megamod import checkpoint, distributed
+    from megamod.models.language import LanguageModelConfig, build_language_model
+    from megamod.training.step import build_optimizer, lm_forward_step, train_step, wrap_ddp
+    from tests.helpers import grads_sharded_state_dict
+
+    meta = checkpoint.read_metadata(job["ckpt"])
+    cfg = LanguageModelConfig.from_dict(meta["model"])
+    distributed.initialize(_layout(job))
+    model = build_language_model(cfg, init_weights=False)
+    checkpoint.load_model(model, job["ckpt"])
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer([ddp], lr=job["lr"])
+    # The global batch is split across data-parallel ranks: rank r takes micro-batches r, r+dp, ...
+    batches = torch.load(job["batches"])
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    B, S = batches[0][0]["tokens"].shape
+    losses, grad_norms = [], []
+    grads_dir = os.path.join(job["out"], "grads")
+
+    def save_grads():
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(grads_dir, exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(grads_sharded_state_dict(model), grads_dir)
+
+    for step, micro_batches in enumerate(batches[: job["steps"]]):
+        mine = micro_batches[dp_rank::dp]
+        result = train_step([ddp], optimizer, lm_forward_step(cfg.vocab_size), mine, S, B,
+                            before_optimizer_step=save_grads if step == 0 else None)
+        losses.append([float(d["lm loss"]) for d in result.losses])
+        grad_norms.append(float(result.grad_norm))
+    # Every last-stage rank of every DP group reports its micro-batch losses, keyed by DP rank.
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        with open(os.path.join(job["out"], f"losses-dp{dp_rank}.json"), "w") as f:
+            json.dump({"dp": dp, "dp_rank": dp_rank, "losses": losses, "grad_norms": grad_norms}, f)
+
+
+def main():
+    timeout = int(os.environ.get("MEGAMOD_WORKER_TIMEOUT", "400"))
+    # A gloo hang is silent: dump every thread's stack and exit before the launcher's timeout.
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    from megamod import distributed
+
+    for job in jobs:
+        {"logits": run_logits, "train": run_train}[job["kind"]](job)
+        torch.distributed.barrier()
+    distributed.shutdown()
+    faulthandler.cancel_dump_traceback_later()
+
+
+if __name__ == "__main__":
+    main()

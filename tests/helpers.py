@@ -1,0 +1,83 @@
+"""Shared test helpers: tiny random HF models, torchrun launches with hang protection, gradient snapshots."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_TIMEOUT_S = int(os.environ.get("MEGAMOD_TEST_LAUNCH_TIMEOUT", "420"))
+
+
+def tiny_qwen2(out_dir: str, seed: int = 0, **overrides) -> "torch.nn.Module":
+    """A random Qwen2ForCausalLM saved with save_pretrained. Norm weights and biases are randomised too, so that a
+    conversion that drops or swaps them shows in the logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kwargs = dict(vocab_size=251, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128, rope_theta=1e6,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str], timeout_s: int = LAUNCH_TIMEOUT_S) -> str:
+    """Run `torchrun --nproc-per-node nproc args...` and return its output; a hang or failure fails the test with
+    the output (workers dump their tracebacks before the timeout kills them)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "--tee=3", *args]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "MEGAMOD_WORKER_TIMEOUT": str(timeout_s - 20),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise AssertionError(f"torchrun timed out after {timeout_s}s: {' '.join(cmd)}\n{out[-8000:]}")
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stdout[-6000:]}\n{proc.stderr[-8000:]}")
+    return proc.stdout
+
+
+def run_jobs(nproc: int, jobs: list[dict], tmp_dir: str) -> None:
+    """Run many checks in one launch (start-up costs ~10 s per launch on 2 cores)."""
+    path = os.path.join(tmp_dir, f"jobs-{nproc}.json")
+    with open(path, "w") as f:
+        json.dump(jobs, f)
+    torchrun(nproc, [os.path.join(REPO, "tests", "distributed", "worker.py"), path])
+
+
+def grads_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict with each parameter's main_grad in place of its data, so that megatron's
+    dist checkpointing assembles gradients from any layout into the canonical unsharded form."""
+    params = dict(model.named_parameters())
+    out = {}
+    for key, sharded in model.sharded_state_dict().items():
+        if key not in params:
+            continue  # _extra_state objects, not parameters
+        param = params[key]
+        grad = param.main_grad if hasattr(param, "main_grad") else param.grad
+        if grad is None:
+            grad = torch.zeros_like(param)
+        sharded.data = grad.detach().to(param.dtype).view_as(sharded.data)
+        out[key] = sharded
+    return out
