@@ -133,3 +133,20 @@ def test_command_line_tools(tmp_path):
     assert (logits_SV - ref).abs().max().item() <= 1e-4
     p = run("-m", "megamod", "logits", "--ckpt", "mg", "--input-ids", "3,251", "--out", "bad.pt")
     assert p.returncode != 0 and "outside the vocabulary" in p.stderr
+
+
+def test_config_reads_both_rope_layouts_and_refuses_unsupported():
+    from megamod.convert.qwen2 import config_from_hf
+
+    base = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=896,
+                num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864)
+    assert config_from_hf({**base, "rope_theta": 1e6}).rope_theta == 1e6  # transformers 4.x layout
+    assert config_from_hf({**base, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}).rope_theta == 5e5
+    cfg = config_from_hf(base)
+    assert cfg.head_dim == 64 and cfg.padded_vocab_size == 151936 and cfg.num_query_groups == 2
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        config_from_hf({**base, "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn"}})
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        config_from_hf({**base, "use_sliding_window": True})
+    with pytest.raises(ValueError, match="not divisible by tensor parallel size 4"):
+        cfg.validate(tp=4)  # 2 key/value groups cannot split over 4 ranks
