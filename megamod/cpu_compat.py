@@ -5,8 +5,11 @@ assumes a GPU are adjusted here, and only when CUDA is unavailable (`distributed
 run never does). Each adjustment names the megatron-core function it stands in for and why, is reversible (tests
 show the unadjusted call fails), and is covered by tests/unit/test_cpu_compat.py.
 
-Not here, because they are about a missing TransformerEngine rather than a missing GPU: sequence parallel with torch
-norms (megamod's local spec uses `models.specs.SequenceParallelTorchNorm`).
+Not here, because they are about a missing TransformerEngine rather than a missing GPU, and a spec or config does
+them without patching: sequence parallelism with torch norms (megamod's local spec uses
+`models.specs.SequenceParallelTorchNorm`); CLIPViTModel's default torch LayerNorm, LLaVAModel's TE-attention
+assertion with TP > 1 and its `vision_model_type` config field (the LLaVA model's spec and config set them).
+`models.language.mark_tensor_parallel_weights` is a fix for GPU runs too.
 """
 from __future__ import annotations
 
@@ -59,7 +62,15 @@ _MISSING = object()
 
 
 # 1. RNG tracker ------------------------------------------------------------------------------------------------
-def _install_rng() -> Callable[[], None]:
+_cpu_tracker_cls = None
+_kept_tracker = None  # the seeded tracker, kept across revert()/apply() so its named streams survive
+
+
+def _cpu_rng_tracker_class():
+    """One class for the process: megatron's get_all_rng_states checks isinstance against the installed name."""
+    global _cpu_tracker_cls
+    if _cpu_tracker_cls is not None:
+        return _cpu_tracker_cls
     from megatron.core.tensor_parallel import random as mrandom
 
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
@@ -86,6 +97,13 @@ def _install_rng() -> Callable[[], None]:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(outer)
 
+    _cpu_tracker_cls = CpuRNGStatesTracker
+    return _cpu_tracker_cls
+
+
+def _install_rng() -> Callable[[], None]:
+    from megatron.core.tensor_parallel import random as mrandom
+
     def get_state(device="cuda", clone=False, graph_safe=False):
         return torch.get_rng_state()
 
@@ -93,14 +111,21 @@ def _install_rng() -> Callable[[], None]:
         torch.set_rng_state(new_state)
 
     undo = _chain(
-        _setattr(mrandom.__name__, "CudaRNGStatesTracker", CpuRNGStatesTracker),
+        _setattr(mrandom.__name__, "CudaRNGStatesTracker", _cpu_rng_tracker_class()),
         _setattr(mrandom.__name__, "_get_cuda_rng_state", get_state),
         _setattr(mrandom.__name__, "_set_cuda_rng_state", set_state),
-        # the tracker is a lazily created singleton: make the next use create ours
-        _setattr(mrandom.__name__, "_CUDA_RNG_STATE_TRACKER", None),
-        _setattr(mrandom.__name__, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False),
+        # the tracker is a lazily created singleton: ours (seeded earlier, if it was) or a new one on next use
+        _setattr(mrandom.__name__, "_CUDA_RNG_STATE_TRACKER", _kept_tracker),
+        _setattr(mrandom.__name__, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", _kept_tracker is not None),
     )
-    return undo
+
+    def undo_keeping_tracker():
+        global _kept_tracker
+        if isinstance(mrandom._CUDA_RNG_STATE_TRACKER, _cpu_rng_tracker_class()):
+            _kept_tracker = mrandom._CUDA_RNG_STATE_TRACKER
+        undo()
+
+    return undo_keeping_tracker
 
 
 # 2. torch.cuda.current_device() used as a device ---------------------------------------------------------------
@@ -201,12 +226,11 @@ def _install_split_sizes() -> Callable[[], None]:
                     maybe_move_tensor_to_cpu)
 
 
-# 7. uneven all_gather / reduce_scatter on gloo -------------------------------------------------------------------------
+# 7. uneven all_gather on gloo ------------------------------------------------------------------------------------
 def _install_uneven_collectives() -> Callable[[], None]:
     from megatron.core.tensor_parallel import mappings
 
     orig_gather = mappings._gather_along_first_dim
-    orig_reduce_scatter = mappings._reduce_scatter_along_first_dim
 
     def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
         if output_split_sizes is None or group.size() == 1:
@@ -219,19 +243,8 @@ def _install_uneven_collectives() -> Callable[[], None]:
         torch.distributed.all_gather(pieces, padded.contiguous(), group=group)
         return torch.cat([p[:n] for p, n in zip(pieces, output_split_sizes)], dim=0)
 
-    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
-        if input_split_sizes is None or group.size() == 1:
-            return orig_reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
-        # gloo has no list reduce_scatter: all_reduce the whole tensor and keep this rank's slice.
-        total = input_.clone()
-        torch.distributed.all_reduce(total, group=group)
-        start = sum(input_split_sizes[: group.rank()])
-        return total[start : start + input_split_sizes[group.rank()]].contiguous()
-
-    return _chain(
-        _setattr(mappings.__name__, "_gather_along_first_dim", gather),
-        _setattr(mappings.__name__, "_reduce_scatter_along_first_dim", reduce_scatter),
-    )
+    # The uneven reduce-scatter needs nothing: gloo in torch 2.13 has the list reduce_scatter megatron calls.
+    return _setattr(mappings.__name__, "_gather_along_first_dim", gather)
 
 
 # 11. gradient clipping asserts torch.cuda.FloatTensor ---------------------------------------------------------------
@@ -309,8 +322,8 @@ ADJUSTMENTS: dict[str, Adjustment] = {
         Adjustment("split_sizes", "moe.token_dispatcher.maybe_move_tensor_to_cpu",
                    "alltoall split sizes reach torch.distributed as tensors unless they started on CUDA",
                    _install_split_sizes),
-        Adjustment("uneven_collectives", "tensor_parallel.mappings._gather_along_first_dim, "
-                   "_reduce_scatter_along_first_dim", "gloo has no uneven all_gather nor list reduce_scatter",
+        Adjustment("uneven_collectives", "tensor_parallel.mappings._gather_along_first_dim",
+                   "gloo has no uneven all_gather (alltoall dispatcher with TP > 1, and reduce-scatter backward)",
                    _install_uneven_collectives),
         Adjustment("clip_grads", "optimizer.clip_grads.clip_grad_by_total_norm_fp32",
                    "asserts torch.cuda.FloatTensor gradients", _install_clip_grads),
@@ -337,14 +350,14 @@ def apply(names=None) -> None:
     if torch.cuda.is_available():
         raise RuntimeError("megamod.cpu_compat is for CPU-only runs; CUDA is available")
     check_version()
-    for name in names or ADJUSTMENTS:
+    for name in (ADJUSTMENTS if names is None else names):
         if name not in _undo:
             _undo[name] = ADJUSTMENTS[name].install()
             log.debug("cpu_compat: %s stands in for %s", name, ADJUSTMENTS[name].stands_in_for)
 
 
 def revert(names=None) -> None:
-    for name in list(names or reversed(list(_undo))):
+    for name in list(reversed(list(_undo)) if names is None else names):
         if name in _undo:
             _undo.pop(name)()
 
