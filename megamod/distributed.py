@@ -65,7 +65,8 @@ def _first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for single-host launches)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -100,7 +101,7 @@ def read_launch_env(env: dict | None = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def _use_cuda() -> bool:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
+
+from megamod.distributed import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = int(os.environ.get("MEGAMOD_TEST_LAUNCH_TIMEOUT", "420"))
@@ -32,12 +33,6 @@ def tiny_qwen2(out_dir: str, seed: int = 0, **overrides) -> "torch.nn.Module":
                 p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int, args: list[str], timeout_s: int = LAUNCH_TIMEOUT_S) -> str:

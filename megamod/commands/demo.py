@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,6 @@ log = logging.getLogger(__name__)
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,7 +61,7 @@ def run(args) -> int:
     ours_SV = compute_logits(ckpt, ids)
     distributed.shutdown()
     tp2_file = os.path.join(out, "logits-tp2.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={distributed.free_port()}",
            "-m", "megamod", "logits", "--ckpt", ckpt, "--input-ids", ",".join(map(str, ids)), "--out", tp2_file,
            "--tp", "2"]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

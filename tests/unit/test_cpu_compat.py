@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -136,17 +135,13 @@ def _two_rank_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
     faulthandler.cancel_dump_traceback_later()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank(tmp_path_factory):
     """Results of the two-rank worker, one dict per rank (one launch for all two-rank tests)."""
     out = tmp_path_factory.mktemp("cpu_compat_two_rank")
-    port = _free_port()
+    from megamod.distributed import free_port
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                PYTHONFAULTHANDLER="1")
