@@ -1,0 +1,80 @@
+"""The CUDA kernels of megamod._C against its CPU kernels (and megatron-core's path), forward and backward."""
+import importlib
+
+import pytest
+import torch
+from megatron.core.transformer.moe import moe_utils
+
+from megamod import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+T, E, K = 1000, 8, 2
+
+
+def run(impl, tokens_TH, routing_map_TE, probs_TE, grad_TH):
+    """permute -> unpermute with probs -> backward; returns every output and gradient."""
+    x_TH = tokens_TH.detach().clone().requires_grad_()
+    p_TE = probs_TE.detach().clone().requires_grad_()
+    permuted_PH, permuted_probs_P, index_map = impl.permute(x_TH, routing_map_TE, probs=p_TE,
+                                                            num_out_tokens=int(routing_map_TE.sum()))
+    scaled_PH = permuted_PH * permuted_probs_P[:, None].to(permuted_PH.dtype)
+    out_TH = impl.unpermute(scaled_PH, index_map, x_TH.shape, probs=p_TE, routing_map=routing_map_TE)
+    out_TH.backward(grad_TH)
+    return dict(permuted=permuted_PH, permuted_probs=permuted_probs_P, out=out_TH, grad_tokens=x_TH.grad,
+                grad_probs=p_TE.grad)
+
+
+def inputs(H, dtype, probs_dtype, device):
+    gen = torch.Generator().manual_seed(0)
+    top_TK = torch.rand(T, E, generator=gen).topk(K, dim=-1).indices
+    routing_map_TE = torch.zeros(T, E, dtype=torch.bool).scatter_(1, top_TK, True)
+    probs_TE = (torch.rand(T, E, generator=gen) * routing_map_TE).to(probs_dtype)
+    tokens_TH = torch.randn(T, H, generator=gen).to(dtype)
+    grad_TH = torch.randn(T, H, generator=gen).to(dtype)
+    return [t.to(device) for t in (tokens_TH, routing_map_TE, probs_TE, grad_TH)]
+
+
+def dot_tolerance(expected):
+    """Prob gradients are dot products over H, summed in another order on each side: in fp32 the results differ by
+    about sqrt(H) ulps of the partial sums (~1e-4 at H=1024); a 16-bit result may round to a neighbouring value."""
+    if expected.dtype.itemsize == 2:
+        eps = torch.finfo(expected.dtype).eps
+        return dict(rtol=2 * eps, atol=2 * eps * expected.abs().max().item())
+    return dict(rtol=1e-5, atol=1e-3)
+
+
+def test_extension_has_cuda():
+    assert ops.extension_available() and importlib.import_module("megamod._C").with_cuda
+
+
+# H=100 is not a multiple of 16 bytes in any dtype: it takes the scalar path instead of 16-byte packs.
+@pytest.mark.parametrize("H", [1024, 100])
+@pytest.mark.parametrize(
+    "dtype, probs_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+     (torch.float16, torch.float16), (torch.float64, torch.float64)],
+)
+def test_cuda_equals_cpu_kernels(H, dtype, probs_dtype):
+    cpu = run(ops, *inputs(H, dtype, probs_dtype, "cpu"))
+    cuda = run(ops, *inputs(H, dtype, probs_dtype, "cuda"))
+    for name, value in cpu.items():
+        if name == "grad_probs":
+            torch.testing.assert_close(cuda[name].cpu(), value, **dot_tolerance(value))
+        else:
+            assert torch.equal(cuda[name].cpu(), value), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_megatron(dtype):
+    args = inputs(1024, dtype, dtype, "cuda")
+    ours, ref = run(ops, *args), run(moe_utils, *args)
+    for name in ours:
+        tol = dot_tolerance(ref[name]) if name == "grad_probs" else dict(rtol=0, atol=0)
+        torch.testing.assert_close(ours[name], ref[name], **tol)
+
+
+def test_cuda_no_tokens():
+    tokens_TH, routing_map_TE, probs_TE, grad_TH = (t[:0] for t in inputs(64, torch.float32, torch.float32, "cuda"))
+    result = run(ops, tokens_TH, routing_map_TE, probs_TE, grad_TH)
+    assert result["out"].shape == (0, 64) and result["grad_probs"].shape == (0, E)
