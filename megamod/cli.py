@@ -1,50 +1,50 @@
-"""`python -m megamod <command>`: the user-facing entry points."""
+"""`python -m megamod <command>`: the user-facing entry points.
+
+Each command lives in megamod/commands/<name>.py with a docstring (its help), `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their command runs, so `--help` stays fast.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
+COMMANDS = {
+    "logits": "megamod.commands.logits",
+    "demo": "megamod.commands.demo",
+    "make-data": "megamod.commands.make_data",
+    "check-data": "megamod.commands.check_data",
+}
 
-def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-ids must be comma-separated integers, got {text!r}")
-    if not ids:
-        raise argparse.ArgumentTypeError("--input-ids is empty")
-    return ids
-
-
-def _add_parallel(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size (sparse checkpoints)")
+HELP = {
+    "logits": "one forward pass; saves fp32 logits [S, V] of every position",
+    "demo": "the main job on CPU",
+    "make-data": "write the embedded synthetic multimodal data set",
+    "check-data": "read a whole data file as training would and report every bad sample",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megamod", description=__doc__)
+    parser = argparse.ArgumentParser(prog="megamod", description="LLaVA-MoD distillation on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("logits", help="one forward pass; saves fp32 logits [S, V] of every position")
-    p.add_argument("--ckpt", required=True, help="megamod checkpoint directory")
-    p.add_argument("--input-ids", required=True, type=_ids, help="comma-separated token ids, e.g. 3,17,5")
-    p.add_argument("--out", required=True, help="output .pt file")
-    _add_parallel(p)
-
-    p = sub.add_parser("demo", help="the main job on CPU")
-    p.add_argument("--out", default="runs/demo", help="output directory")
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=HELP[name])
+        p.set_defaults(_module=COMMANDS[name])
+        p.set_defaults(_parser=p)
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if args.command == "logits":
-        from megamod.commands.logits import run
-    elif args.command == "demo":
-        from megamod.commands.demo import run
-    return run(args) or 0
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Two passes: the first finds the command, whose module then declares its own arguments.
+    known, _ = parser.parse_known_args(argv[:1])
+    module = importlib.import_module(known._module)
+    module.add_arguments(known._parser)
+    args = parser.parse_args(argv)
+    return module.run(args) or 0
 
 
 if __name__ == "__main__":

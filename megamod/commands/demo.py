@@ -26,6 +26,10 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="runs/demo", help="output directory")
+
+
 def run(args) -> int:
     from safetensors.torch import load_file
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -5,6 +5,7 @@ transformers' `model(input_ids).logits[0]`.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -32,6 +33,25 @@ def compute_logits(ckpt: str, input_ids: list[int], tp: int = 1, pp: int = 1, ep
     checkpoint.load_model(model, ckpt)
     logits_BSV = forward_logits(model, torch.tensor([input_ids]), cfg.vocab_size)
     return None if logits_BSV is None else logits_BSV[0]
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-ids must be comma-separated integers, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("--input-ids is empty")
+    return ids
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, help="megamod checkpoint directory")
+    p.add_argument("--input-ids", required=True, type=_ids, help="comma-separated token ids, e.g. 3,17,5")
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size (sparse checkpoints)")
 
 
 def run(args) -> int:
