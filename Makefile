@@ -8,9 +8,10 @@ STAMP := $(VENV)/.megamod-installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+$(STAMP): requirements.txt requirements-compat.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps --upgrade --target $(VENV)/compat-tf4 -r requirements-compat.txt
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

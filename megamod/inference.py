@@ -4,8 +4,11 @@ from __future__ import annotations
 import torch
 
 
-def forward_logits(model, input_ids_BS: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+def forward_logits(model, input_ids_BS: torch.Tensor, vocab_size: int,
+                   images_NCHW: torch.Tensor | None = None) -> torch.Tensor | None:
     """fp32 logits [B, S, vocab_size] on the last pipeline stage (every TP rank), None on other stages.
+
+    `images_NCHW` is for LLaVA models, whose input ids hold the expanded image positions.
 
     The vocabulary shards are gathered here because this is a debugging/comparison tool; losses never do this.
     """
@@ -22,6 +25,8 @@ def forward_logits(model, input_ids_BS: torch.Tensor, vocab_size: int) -> torch.
         return logits_BSV.new_zeros(()), {}
 
     def forward_step(data_iterator, m):
+        if images_NCHW is not None:
+            return m(input_ids_BS, position_ids_BS, images_NCHW), loss_func
         return m(input_ids_BS, position_ids_BS, None), loss_func
 
     was_training = model.training

@@ -25,12 +25,36 @@ def tiny_qwen2(out_dir: str, seed: int = 0, **overrides) -> "torch.nn.Module":
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**kwargs)).eval()
+    _randomise_norms_and_biases(model)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def _randomise_norms_and_biases(model) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
+            if name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif "norm" in name or "layrnorm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+
+
+def tiny_llava(out_dir: str, seed: int = 0, image_token_index: int = 250, vision_feature_layer: int = -2,
+               **text_overrides):
+    """A random LlavaForConditionalGeneration (Qwen2 text, CLIP vision: 32 px images, 8 px patches -> 16 image
+    tokens) saved with save_pretrained."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    text = dict(vocab_size=251, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=False)
+    text.update(text_overrides)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(seed)
+    config = LlavaConfig(text_config=Qwen2Config(**text), vision_config=vision, image_token_index=image_token_index,
+                         vision_feature_layer=vision_feature_layer)
+    model = LlavaForConditionalGeneration(config).eval()
+    _randomise_norms_and_biases(model)
     model.save_pretrained(out_dir)
     return model
 

@@ -14,9 +14,11 @@ SINGLE = "model.safetensors"
 
 
 class HFReader:
-    """Lazy access to the tensors of an HF checkpoint directory; tracks which ones were read."""
+    """Lazy access to the tensors of an HF checkpoint directory; tracks which ones were read.
 
-    def __init__(self, hf_dir: str):
+    `rename` maps on-disk names to the names callers use (several layouts of one format, read as one)."""
+
+    def __init__(self, hf_dir: str, rename=None):
         self.dir = hf_dir
         config_path = os.path.join(hf_dir, "config.json")
         if not os.path.exists(config_path):
@@ -33,6 +35,17 @@ class HFReader:
                 self._file_of = {k: SINGLE for k in f.keys()}
         else:
             raise FileNotFoundError(f"{hf_dir}: neither {SINGLE} nor {INDEX} found (only safetensors are read)")
+        if rename is not None:
+            renamed = {}
+            for disk_name, fname in self._file_of.items():
+                name = rename(disk_name)
+                if name in renamed:
+                    raise ValueError(f"{hf_dir}: tensors {renamed[name][0]!r} and {disk_name!r} both mean {name!r}")
+                renamed[name] = (disk_name, fname)
+            self._disk_name = {name: disk for name, (disk, _) in renamed.items()}
+            self._file_of = {name: fname for name, (_, fname) in renamed.items()}
+        else:
+            self._disk_name = {name: name for name in self._file_of}
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
         self.read: set[str] = set()
@@ -50,7 +63,7 @@ class HFReader:
         if fname not in self._handles:
             self._handles[fname] = self._stack.enter_context(safe_open(os.path.join(self.dir, fname), "pt"))
         self.read.add(name)
-        return self._handles[fname].get_tensor(name)
+        return self._handles[fname].get_tensor(self._disk_name[name])
 
     def unread(self) -> list[str]:
         return sorted(set(self._file_of) - self.read)

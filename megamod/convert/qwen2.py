@@ -94,7 +94,7 @@ class Rule:
     to_hf: Callable[[torch.Tensor], list[torch.Tensor]]  # Megatron tensor -> HF tensors (in hf_names order)
 
 
-def _same(name: str) -> Rule:
+def same(name: str) -> Rule:
     return Rule([name], lambda t: t, lambda t: [t])
 
 
@@ -111,10 +111,9 @@ def _padded_rows(name: str, cfg: LanguageModelConfig) -> Rule:
     return Rule([name], to_megatron, lambda t: [t[: cfg.vocab_size]])
 
 
-def _qkv(prefix: str, cfg: LanguageModelConfig, kind: str) -> Rule:
+def qkv_rule(prefix: str, kind: str, groups: int, q_per_group: int, head_dim: int) -> Rule:
     """Megatron keeps q, k, v interleaved per key/value group: [q heads of group g, k_g, v_g] for each g."""
-    groups, d = cfg.num_query_groups, cfg.head_dim
-    q_per_group = cfg.num_attention_heads // groups
+    d = head_dim
 
     def to_megatron(q, k, v):
         tail = q.shape[1:]
@@ -142,15 +141,20 @@ def _gate_up(prefix: str) -> Rule:
     )
 
 
+def _qkv(prefix: str, cfg: LanguageModelConfig, kind: str) -> Rule:
+    groups = cfg.num_query_groups
+    return qkv_rule(prefix, kind, groups, cfg.num_attention_heads // groups, cfg.head_dim)
+
+
 def layer_rules(cfg: LanguageModelConfig, i: int, hf_prefix: str = "model") -> dict[str, Rule]:
     mg, hf = f"decoder.layers.{i}", f"{hf_prefix}.layers.{i}"
     rules = {
-        f"{mg}.input_layernorm.weight": _same(f"{hf}.input_layernorm.weight"),
+        f"{mg}.input_layernorm.weight": same(f"{hf}.input_layernorm.weight"),
         f"{mg}.self_attention.linear_qkv.weight": _qkv(hf, cfg, "weight"),
-        f"{mg}.self_attention.linear_proj.weight": _same(f"{hf}.self_attn.o_proj.weight"),
-        f"{mg}.pre_mlp_layernorm.weight": _same(f"{hf}.post_attention_layernorm.weight"),
+        f"{mg}.self_attention.linear_proj.weight": same(f"{hf}.self_attn.o_proj.weight"),
+        f"{mg}.pre_mlp_layernorm.weight": same(f"{hf}.post_attention_layernorm.weight"),
         f"{mg}.mlp.linear_fc1.weight": _gate_up(hf),
-        f"{mg}.mlp.linear_fc2.weight": _same(f"{hf}.mlp.down_proj.weight"),
+        f"{mg}.mlp.linear_fc2.weight": same(f"{hf}.mlp.down_proj.weight"),
     }
     if cfg.qkv_bias:
         rules[f"{mg}.self_attention.linear_qkv.bias"] = _qkv(hf, cfg, "bias")
@@ -164,7 +168,7 @@ def rules(cfg: LanguageModelConfig, hf_prefix: str = "model", lm_head: str = "lm
     out = {"embedding.word_embeddings.weight": _padded_rows(f"{hf_prefix}.embed_tokens.weight", cfg)}
     for i in range(cfg.num_layers):
         out.update(layer_rules(cfg, i, hf_prefix))
-    out["decoder.final_layernorm.weight"] = _same(f"{hf_prefix}.norm.weight")
+    out["decoder.final_layernorm.weight"] = same(f"{hf_prefix}.norm.weight")
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = _padded_rows(lm_head, cfg)
     return out

@@ -2,7 +2,7 @@
 
 Each job writes its results to files that the pytest process compares against single-process references.
 Job kinds:
-  logits: {"layout", "ckpt", "input_ids", "out"}  -> fp32 logits [S, V]
+  logits: {"layout", "ckpt", "input_ids", "out", "images"?}  -> fp32 logits [S, V] (images: a saved [N,3,R,R])
   train:  {"layout", "ckpt", "batches", "steps", "lr", "out"}  -> losses per step and micro-batch, gradients of
           step 1 as a dist checkpoint (canonical layout) under out/grads
 """
@@ -25,7 +25,8 @@ def run_logits(job):
 
     from megamod.commands.logits import compute_logits
 
-    logits_SV = compute_logits(job["ckpt"], job["input_ids"], **job["layout"])
+    images = torch.load(job["images"]) if job.get("images") else None
+    logits_SV = compute_logits(job["ckpt"], job["input_ids"], **job["layout"], images_NCHW=images)
     if logits_SV is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         torch.save(logits_SV, job["out"])
 

@@ -1,7 +1,8 @@
 """Tensor / pipeline / expert parallelism on gloo against single-process references.
 
 Two launches (2 and 4 ranks) run every check; the references are computed in the pytest process.
-  - logits at TP=2, PP=2, TP=2 x PP=2 equal transformers' (fp32, <= 1e-4, argmax equal)
+  - logits at TP=2, PP=2, TP=2 x PP=2 equal transformers' (fp32, <= 1e-4, argmax equal), for Qwen2 models and for
+    a LLaVA model with two images
   - a training step (megatron DDP + Adam + pipeline schedule, 2 micro-batches per rank, 2 steps) at TP=2, PP=2 and
     EP=2 (MoE) gives the losses and gradients of the single-process run (rtol 1e-5)
 """
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 from megamod import checkpoint
-from megamod.convert.language import hf_to_megamod
+from megamod.convert.checkpoint import hf_to_megamod
 from megamod.models.language import LanguageModelConfig, build_language_model
-from tests.helpers import grads_sharded_state_dict, run_jobs, tiny_qwen2
+from megamod.models.llava import expand_image_tokens
+from tests.helpers import grads_sharded_state_dict, run_jobs, tiny_llava, tiny_qwen2
 
 LM_CONFIGS = {
     "untied-gqa-oddvocab": dict(tie_word_embeddings=False, num_key_value_heads=2, vocab_size=251),
@@ -29,6 +31,7 @@ TRAIN = {  # layout -> model
 }
 STEPS, MICRO_BATCHES, B, S, LR = 2, 4, 2, 16, 1e-3
 INPUT_IDS = [3, 17, 5, 250, 0, 42, 7, 7, 7, 100, 200, 11, 64]
+LLAVA_IDS = [3, 250, 17, 5, 250, 42, 7]  # 250 is <image>: two images
 
 
 def _name(layout):
@@ -86,6 +89,18 @@ def runs(world1, tmp_path_factory):
             for layout in layouts:
                 jobs[nproc].append({"kind": "logits", "layout": layout, "ckpt": str(tmp / f"mg-{name}"),
                                     "input_ids": INPUT_IDS, "out": str(tmp / f"logits-{name}-{_name(layout)}.pt")})
+    hf = tiny_llava(tmp / "hf-llava")
+    hf_to_megamod(str(tmp / "hf-llava"), str(tmp / "mg-llava"))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    torch.save(images, tmp / "images.pt")
+    with torch.no_grad():
+        refs["llava"] = hf(input_ids=torch.tensor([expand_image_tokens(LLAVA_IDS, 250, 16)]),
+                           pixel_values=images).logits[0]
+    for nproc, layouts in LOGIT_LAYOUTS.items():
+        for layout in layouts:
+            jobs[nproc].append({"kind": "logits", "layout": layout, "ckpt": str(tmp / "mg-llava"),
+                                "input_ids": LLAVA_IDS, "images": str(tmp / "images.pt"),
+                                "out": str(tmp / f"logits-llava-{_name(layout)}.pt")})
     # Training models: the two dense ones above, and a sparse one (experts on layers 0 and 2) saved from megamod.
     ckpts = {"dense": str(tmp / "mg-untied-gqa-oddvocab"), "dense-tied": str(tmp / "mg-tied-mha")}
     moe_cfg = LanguageModelConfig(vocab_size=251, hidden_size=64, num_layers=4, num_attention_heads=4,
@@ -110,7 +125,7 @@ def runs(world1, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", [l for ls in LOGIT_LAYOUTS.values() for l in ls], ids=_name)
-@pytest.mark.parametrize("name", list(LM_CONFIGS))
+@pytest.mark.parametrize("name", [*LM_CONFIGS, "llava"])
 def test_logits_match_transformers(runs, name, layout):
     tmp, refs, _ = runs
     ours = torch.load(tmp / f"logits-{name}-{_name(layout)}.pt")
