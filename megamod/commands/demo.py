@@ -36,7 +36,7 @@ def run(args) -> int:
 
     from megamod import distributed
     from megamod.commands.logits import compute_logits
-    from megamod.convert.language import hf_to_megamod, megamod_to_hf
+    from megamod.convert.checkpoint import hf_to_megamod, megamod_to_hf
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from megamod import checkpoint
 from megamod.convert.hf_io import HFReader
-from megamod.convert.language import hf_to_megamod, megamod_to_hf
+from megamod.convert.checkpoint import hf_to_megamod, megamod_to_hf
 from megamod.models.language import build_language_model
 from tests.helpers import REPO, tiny_qwen2
 
