@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "logits": "megamod.commands.logits",
     "demo": "megamod.commands.demo",
+    "upcycle": "megamod.commands.upcycle",
     "make-data": "megamod.commands.make_data",
     "check-data": "megamod.commands.check_data",
 }
@@ -20,6 +21,7 @@ COMMANDS = {
 HELP = {
     "logits": "one forward pass; saves fp32 logits [S, V] of every position",
     "demo": "the main job on CPU",
+    "upcycle": "turn a dense checkpoint into a sparse (MoE) one",
     "make-data": "write the embedded synthetic multimodal data set",
     "check-data": "read a whole data file as training would and report every bad sample",
 }

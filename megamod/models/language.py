@@ -141,7 +141,8 @@ def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, seq
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
-        sequence_parallel=sequence_parallel and tp > 1,
+        # megatron-core requires sequence parallelism for MoE layers under TP
+        sequence_parallel=tp > 1 and (sequence_parallel or cfg.num_experts is not None),
         **moe,
     )
     kwargs.update(overrides)

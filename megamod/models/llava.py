@@ -45,10 +45,11 @@ def expand_image_tokens(ids: list[int], image_token_id: int, num_image_tokens: i
 def projector_config(cfg: LlavaConfig, params_dtype=torch.float32, init_weights: bool = True):
     from megamod.models.language import transformer_config
 
-    # mlp2x_gelu: Linear(vision H -> H) -> GELU -> Linear(H -> H), both with bias.
-    return transformer_config(cfg.language, params_dtype, init_weights=init_weights, ffn_hidden_size=cfg.language
-                              .hidden_size, gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=True,
-                              num_moe_experts=None, sequence_parallel=False)
+    # mlp2x_gelu: Linear(vision H -> H) -> GELU -> Linear(H -> H), both with bias. The language model's shapes and
+    # parallel layout, without its experts: the adapter is dense even in the sparse student.
+    dense = dataclasses.replace(cfg.language, num_experts=None, moe_layer_pattern=[], moe_ffn_hidden_size=None)
+    return transformer_config(dense, params_dtype, init_weights=init_weights, ffn_hidden_size=dense.hidden_size,
+                              gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=True)
 
 
 class LlavaModel(MegatronModule):

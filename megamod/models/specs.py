@@ -1,8 +1,10 @@
 """Layer specs: TransformerEngine's when it is importable and a GPU is used, megatron-core's local ones otherwise.
 
-The local spec is megatron-core's, with one module swapped through the spec (no patching): its torch norm refuses
-sequence parallelism, which MoE with TP > 1 requires, so megamod's norm allows it and marks its parameters so that
-megatron-core all-reduces their gradients across the tensor-parallel group.
+Both are megatron-core's, with modules swapped through the spec (no patching):
+- the MoE layer is megamod's (`models.moe.MegamodMoELayer`: megamod's permute/unpermute kernels in the dispatcher);
+- in the local spec, megatron's torch norm refuses sequence parallelism, which MoE with TP > 1 requires, so
+  megamod's norm allows it and marks its parameters so that megatron-core all-reduces their gradients across the
+  tensor-parallel group.
 """
 from __future__ import annotations
 
@@ -37,18 +39,18 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _swap_norms(spec):
-    """Replace megatron's WrappedTorchNorm by SequenceParallelTorchNorm everywhere in a spec tree."""
-    if spec is WrappedTorchNorm:
-        return SequenceParallelTorchNorm
+def _swap(spec, modules: dict):
+    """Replace module classes everywhere in a spec tree (old class -> new class)."""
+    if isinstance(spec, type) and spec in modules:
+        return modules[spec]
     if isinstance(spec, (list, tuple)):
-        return type(spec)(_swap_norms(s) for s in spec)
+        return type(spec)(_swap(s, modules) for s in spec)
     if isinstance(spec, ModuleSpec):
-        return dataclasses.replace(spec, module=_swap_norms(spec.module), submodules=_swap_norms(spec.submodules))
+        return dataclasses.replace(spec, module=_swap(spec.module, modules),
+                                   submodules=_swap(spec.submodules, modules))
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(
-            spec, **{f.name: _swap_norms(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
-        )
+        return dataclasses.replace(spec, **{f.name: _swap(getattr(spec, f.name), modules)
+                                            for f in dataclasses.fields(spec)})
     return spec
 
 
@@ -56,7 +58,14 @@ def decoder_block_spec(config, use_te: bool, vp_stage=None):
     """Block spec for a GPT decoder (dense or with MoE layers, per config.moe_layer_freq)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megamod.models.moe import MegamodMoELayer
+
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization, vp_stage=vp_stage
     )
-    return spec if use_te else _swap_norms(spec)
+    modules = {MoELayer: MegamodMoELayer}
+    if not use_te:
+        modules[WrappedTorchNorm] = SequenceParallelTorchNorm
+    return _swap(spec, modules)

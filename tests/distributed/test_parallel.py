@@ -3,8 +3,9 @@
 Two launches (2 and 4 ranks) run every check; the references are computed in the pytest process.
   - logits at TP=2, PP=2, TP=2 x PP=2 equal transformers' (fp32, <= 1e-4, argmax equal), for Qwen2 models and for
     a LLaVA model with two images
-  - a training step (megatron DDP + Adam + pipeline schedule, 2 micro-batches per rank, 2 steps) at TP=2, PP=2 and
-    EP=2 (MoE) gives the losses and gradients of the single-process run (rtol 1e-5)
+  - an upcycled (sparse) model's logits at EP=2 and TP=2 x EP=2 equal the dense model's
+  - a training step (megatron DDP + Adam + pipeline schedule, 2 steps) at TP=2, PP=2, EP=2 and TP=2 x EP=2 (MoE)
+    gives the losses, gradients and gradient norm of the single-process run (rtol 1e-5)
 """
 import glob
 import json
@@ -24,11 +25,13 @@ LM_CONFIGS = {
     "tied-mha": dict(tie_word_embeddings=True, num_key_value_heads=4, vocab_size=256),
 }
 LOGIT_LAYOUTS = {2: [dict(tp=2), dict(pp=2)], 4: [dict(tp=2, pp=2)]}
-TRAIN = {  # layout -> model
-    "tp2": (dict(tp=2), "dense"),
-    "pp2": (dict(pp=2), "dense-tied"),
-    "ep2": (dict(ep=2), "moe"),
+TRAIN = {  # name -> (ranks, layout, model)
+    "tp2": (2, dict(tp=2), "dense"),
+    "pp2": (2, dict(pp=2), "dense-tied"),
+    "ep2": (2, dict(ep=2), "moe"),
+    "tp2ep2": (4, dict(tp=2, ep=2), "moe"),  # MoE under TP runs with sequence parallelism
 }
+MOE_LOGIT_LAYOUTS = {2: [dict(ep=2)], 4: [dict(tp=2, ep=2)]}
 STEPS, MICRO_BATCHES, B, S, LR = 2, 4, 2, 16, 1e-3
 INPUT_IDS = [3, 17, 5, 250, 0, 42, 7, 7, 7, 100, 200, 11, 64]
 LLAVA_IDS = [3, 250, 17, 5, 250, 42, 7]  # 250 is <image>: two images
@@ -111,13 +114,20 @@ def runs(world1, tmp_path_factory):
     checkpoint.save_model(moe_model, str(tmp / "mg-moe"),
                           {"format": "megamod", "kind": "language", "model": moe_cfg.to_dict(), "dtype": "float32"})
     ckpts["moe"] = str(tmp / "mg-moe")
+    from megamod.commands.upcycle import upcycle
+
+    upcycle(ckpts["dense"], str(tmp / "mg-upcycled"), num_experts=4, topk=2)
+    for nproc, layouts in MOE_LOGIT_LAYOUTS.items():
+        for layout in layouts:
+            jobs[nproc].append({"kind": "logits", "layout": layout, "ckpt": str(tmp / "mg-upcycled"),
+                                "input_ids": INPUT_IDS, "out": str(tmp / f"logits-upcycled-{_name(layout)}.pt")})
     batches = _batches(251)
     torch.save(batches, tmp / "batches.pt")
     train_refs = {}
-    for name, (layout, model) in TRAIN.items():
+    for name, (nproc, layout, model) in TRAIN.items():
         train_refs[name] = _reference_training(ckpts[model], batches)
         os.makedirs(tmp / f"train-{name}")
-        jobs[2].append({"kind": "train", "layout": layout, "ckpt": ckpts[model], "batches": str(tmp / "batches.pt"),
+        jobs[nproc].append({"kind": "train", "layout": layout, "ckpt": ckpts[model], "batches": str(tmp / "batches.pt"),
                         "steps": STEPS, "lr": LR, "out": str(tmp / f"train-{name}")})
     for nproc, job_list in jobs.items():
         run_jobs(nproc, job_list, str(tmp))
@@ -133,6 +143,15 @@ def test_logits_match_transformers(runs, name, layout):
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-4
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("layout", [l for ls in MOE_LOGIT_LAYOUTS.values() for l in ls], ids=_name)
+def test_upcycled_logits_equal_dense(runs, layout):
+    tmp, refs, _ = runs
+    ours = torch.load(tmp / f"logits-upcycled-{_name(layout)}.pt")
+    assert (ours - refs["untied-gqa-oddvocab"]).abs().max().item() <= 1e-4
+    dense = torch.load(tmp / "logits-untied-gqa-oddvocab-tp2.pt")
+    assert (ours - dense).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("name", list(TRAIN))

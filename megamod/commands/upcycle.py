@@ -1,0 +1,69 @@
+"""`megamod upcycle`: turn a dense megamod checkpoint (language or LLaVA) into a sparse MoE one.
+
+    python -m megamod upcycle --ckpt DENSE --out MOE --num-experts 4 --topk 2 [--moe-layers even]
+    torchrun --nproc-per-node 4 -m megamod upcycle ... --tp 2 --ep 2     # large models, sharded
+
+The checkpoint written loads at any TP/PP/EP layout, whatever layout the command ran at.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from megamod import checkpoint, distributed
+from megamod.models.language import LanguageModelConfig, build_language_model
+from megamod.models.llava import LlavaConfig, build_llava_model
+from megamod.models.upcycle import moe_layer_pattern, sparse_config, upcycle_into
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, help="dense megamod checkpoint")
+    p.add_argument("--out", required=True, help="output directory for the sparse checkpoint")
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--moe-layers", default="even", help="'even' (default, as LLaVA-MoD), 'odd', 'all' or '0,2,5'")
+    p.add_argument("--aux-loss-coeff", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the routers' initialisation")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+
+
+def upcycle(ckpt: str, out: str, num_experts: int, topk: int, moe_layers: str = "even",
+            aux_loss_coeff: float = 0.01, seed: int = 1234, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
+    meta = checkpoint.read_metadata(ckpt)
+    kind, dtype = meta.get("kind"), checkpoint.dtype_from_name(meta["dtype"])
+    if kind == "llava":
+        dense_cfg = LlavaConfig.from_dict(meta["model"])
+        language = dense_cfg.language
+    elif kind == "language":
+        dense_cfg = language = LanguageModelConfig.from_dict(meta["model"])
+    else:
+        raise ValueError(f"{ckpt}: kind {kind!r} cannot be upcycled")
+    sparse_language = sparse_config(language, num_experts, topk, moe_layer_pattern(moe_layers, language.num_layers),
+                                    aux_loss_coeff)
+    sparse_cfg = dataclasses.replace(dense_cfg, language=sparse_language) if kind == "llava" else sparse_language
+    build = build_llava_model if kind == "llava" else build_language_model
+    # The dense model is loaded at the same TP/PP without expert parallelism, so each rank holds the FFN shards
+    # its experts need; EP only changes which experts a rank holds.
+    distributed.initialize(distributed.ParallelConfig(tp=tp, pp=pp, ep=ep))
+    dense_model = build(dense_cfg, params_dtype=dtype, init_weights=False)
+    checkpoint.load_model(dense_model, ckpt)
+    sparse_model = build(sparse_cfg, params_dtype=dtype, init_weights=False)
+    counts = upcycle_into(dense_model, sparse_model, seed)
+    del dense_model
+    checkpoint.save_model(sparse_model, out, {**meta, "model": sparse_cfg.to_dict(),
+                                              "source": {"upcycled_from": ckpt, **meta.get("source", {})}})
+    log.info("upcycled %s -> %s: %d experts, top-%d, MoE layers %s (%d tensors copied, %d routers)", ckpt, out,
+             num_experts, topk, [i for i, m in enumerate(sparse_language.moe_layer_pattern) if m],
+             counts["copied"], counts["routers"])
+    return counts
+
+
+def run(args) -> int:
+    upcycle(args.ckpt, args.out, args.num_experts, args.topk, args.moe_layers, args.aux_loss_coeff, args.seed,
+            args.tp, args.pp, args.ep)
+    distributed.shutdown()
+    return 0

@@ -1,0 +1,95 @@
+"""Upcycling is function-preserving and every expert is the dense FFN, bit for bit (EP=2 in tests/distributed)."""
+import pytest
+import torch
+
+from megamod import checkpoint
+from megamod.commands.upcycle import upcycle
+from megamod.convert.checkpoint import hf_to_megamod
+from megamod.inference import forward_logits
+from megamod.models.language import LanguageModelConfig, build_language_model
+from megamod.models.llava import LlavaConfig, build_llava_model, expand_image_tokens
+from megamod.models.moe import AlltoAllTokenDispatcher, MegamodMoELayer
+from megamod.models.upcycle import dense_source, moe_layer_pattern
+from tests.helpers import tiny_llava, tiny_qwen2
+
+
+def _load(ckpt, build, config_cls):
+    cfg = config_cls.from_dict(checkpoint.read_metadata(ckpt)["model"])
+    model = build(cfg, init_weights=False)
+    checkpoint.load_model(model, ckpt)
+    return cfg, model.eval()
+
+
+def test_layer_patterns():
+    assert moe_layer_pattern("even", 5) == [1, 0, 1, 0, 1]
+    assert moe_layer_pattern("odd", 4) == [0, 1, 0, 1]
+    assert moe_layer_pattern("all", 2) == [1, 1]
+    assert moe_layer_pattern("0,3", 4) == [1, 0, 0, 1]
+    with pytest.raises(ValueError, match=r"layers \[7\] are not in \[0, 4\)"):
+        moe_layer_pattern("1,7", 4)
+    with pytest.raises(ValueError, match="expected 'even'"):
+        moe_layer_pattern("evens", 4)
+
+
+def test_upcycled_language_model_equals_dense(world1, tmp_path):
+    tiny_qwen2(tmp_path / "hf")
+    hf_to_megamod(str(tmp_path / "hf"), str(tmp_path / "dense"))
+    counts = upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"), num_experts=4, topk=2)
+    assert counts["routers"] == 2  # layers 0 and 2 of 4
+    dense_cfg, dense = _load(str(tmp_path / "dense"), build_language_model, LanguageModelConfig)
+    cfg, sparse = _load(str(tmp_path / "moe"), build_language_model, LanguageModelConfig)
+    assert cfg.moe_layer_pattern == [1, 0, 1, 0] and cfg.num_experts == 4 and cfg.moe_router_topk == 2
+    layer0 = sparse.decoder.layers[0].mlp
+    assert isinstance(layer0, MegamodMoELayer) and isinstance(layer0.token_dispatcher, AlltoAllTokenDispatcher)
+    dense_params = dict(dense.named_parameters())
+    n_experts = 0
+    for name, p in sparse.named_parameters():
+        source = dense_source(name)
+        if source is None:
+            assert p.shape == (4, 64) and p.dtype == torch.float32 and p.abs().max() <= 1 / 8  # nn.Linear init
+        else:
+            assert torch.equal(p, dense_params[source]), name
+            n_experts += ".local_experts." in name
+    assert n_experts == 2 * 4 * 2  # layers x experts x (fc1, fc2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
+    a, b = forward_logits(dense, ids, cfg.vocab_size), forward_logits(sparse, ids, cfg.vocab_size)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_upcycled_llava_equals_dense(world1, tmp_path):
+    tiny_llava(tmp_path / "hf")
+    hf_to_megamod(str(tmp_path / "hf"), str(tmp_path / "dense"))
+    upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"), num_experts=3, topk=2, moe_layers="odd")
+    _, dense = _load(str(tmp_path / "dense"), build_llava_model, LlavaConfig)
+    cfg, sparse = _load(str(tmp_path / "moe"), build_llava_model, LlavaConfig)
+    assert cfg.language.moe_layer_pattern == [0, 1, 0, 1]
+    ids = torch.tensor([expand_image_tokens([3, 250, 7, 9], 250, 16)])
+    images = torch.randn(1, 3, 32, 32)
+    a = forward_logits(dense, ids, cfg.language.vocab_size, images)
+    b = forward_logits(sparse, ids, cfg.language.vocab_size, images)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_megamod_moe_layer_equals_megatron(world1):
+    """The dispatcher seam: forward and backward equal megatron-core's own MoELayer on the same weights."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    cfg = LanguageModelConfig(vocab_size=251, hidden_size=64, num_layers=1, num_attention_heads=4,
+                              num_query_groups=2, ffn_hidden_size=96, num_experts=4, moe_router_topk=2)
+    torch.manual_seed(0)
+    model = build_language_model(cfg)
+    ours = model.decoder.layers[0].mlp
+    theirs = MoELayer(ours.config, ours.submodules, layer_number=1)
+    theirs.load_state_dict(ours.state_dict())
+    assert type(theirs.token_dispatcher).__name__ == "MoEAlltoAllTokenDispatcher"
+    x = torch.randn(11, 3, 64)
+    outs = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append((out.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+    for g0, g1 in zip(outs[0][2], outs[1][2]):
+        torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
