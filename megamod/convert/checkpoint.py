@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from megamod import checkpoint, distributed
-from megamod.convert import llava, qwen2
+from megamod.convert import llava, qwen2, qwen2_moe
 from megamod.convert.hf_io import HFReader, HFWriter
 from megamod.models.language import LanguageModelConfig, build_language_model
 from megamod.models.llava import LlavaConfig, build_llava_model
@@ -39,7 +39,7 @@ class Family:
 
 FAMILIES = {
     "language": Family("language", LanguageModelConfig.from_dict, qwen2.rules, build_language_model,
-                       qwen2.config_to_hf),
+                       qwen2.any_config_to_hf),
     "llava": Family("llava", LlavaConfig.from_dict, llava.rules, build_llava_model, llava.config_to_hf),
 }
 
@@ -107,7 +107,8 @@ def hf_to_megamod(hf_dir: str, out_dir: str, dtype: str | None = None, vision_di
     kind = "llava" if model_type == "llava" else "language"
     reader = HFReader(hf_dir, rename=llava.canonical_name if kind == "llava" else None)
     where = os.path.join(hf_dir, "config.json")
-    cfg = llava.config_from_hf(reader.config, where) if kind == "llava" else qwen2.config_from_hf(reader.config, where)
+    cfg = llava.config_from_hf(reader.config, where) if kind == "llava" else qwen2.any_config_from_hf(reader.config,
+                                                                                                      where)
     family = FAMILIES[kind]
     rules = family.rules(cfg)
     embed = llava.TEXT + ".embed_tokens.weight" if kind == "llava" else "model.embed_tokens.weight"
@@ -119,7 +120,8 @@ def hf_to_megamod(hf_dir: str, out_dir: str, dtype: str | None = None, vision_di
     language = cfg.language if kind == "llava" else cfg
     if language.tie_word_embeddings:
         _check_tied_head(reader, llava.LM_HEAD if kind == "llava" else "lm_head.weight", embed)
-    _check_all_read(reader, ignored=lambda n: language.tie_word_embeddings and n.endswith("lm_head.weight"))
+    _check_all_read(reader, ignored=lambda n: (language.tie_word_embeddings and n.endswith("lm_head.weight"))
+                    or qwen2_moe.is_zero_shared_expert(n, reader.get(n).shape))
     reader.close()
     _save(model, out_dir, kind, cfg, torch_dtype, {"hf": os.path.abspath(hf_dir)}, hf_dir)
     return cfg
@@ -219,6 +221,11 @@ def megamod_to_hf(ckpt_dir: str, out_dir: str, shard_bytes: int = 4 * 1024**3) -
     for name, rule in tqdm(rules.items(), desc="megamod-to-hf", disable=None):
         for hf_name, tensor in zip(rule.hf_names, rule.to_hf(params[name].detach())):
             writer.add(hf_name, tensor.clone())
+    language = cfg.language if family.kind == "llava" else cfg
+    if language.num_experts is not None:
+        hf_prefix = llava.TEXT if family.kind == "llava" else "model"
+        for hf_name, tensor in qwen2_moe.zero_shared_expert(language, hf_prefix, dtype).items():
+            writer.add(hf_name, tensor)
     writer.close()
     files = {"config.json": family.config_to_hf(cfg, meta["dtype"])}
     if family.kind == "llava":

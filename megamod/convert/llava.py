@@ -58,7 +58,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> LlavaConfig:
         raise ValueError(f"{where}: only the mlp2x_gelu projector (gelu, with bias) is supported")
     text = dict(hf["text_config"])
     text.setdefault("architectures", ["Qwen2ForCausalLM"])
-    language = qwen2.config_from_hf(text, f"{where} text_config")
+    language = qwen2.any_config_from_hf(text, f"{where} text_config")
     if hf.get("tie_word_embeddings") is not None:
         language.tie_word_embeddings = bool(hf["tie_word_embeddings"])
     vision = vision_config_from_hf(hf["vision_config"], f"{where} vision_config", layer,
@@ -79,7 +79,7 @@ def vision_config_to_hf(v: VisionConfig) -> dict:
 
 
 def config_to_hf(cfg: LlavaConfig, torch_dtype: str = "float32") -> dict:
-    text = qwen2.config_to_hf(cfg.language, torch_dtype)
+    text = qwen2.any_config_to_hf(cfg.language, torch_dtype)
     text.pop("architectures")
     return {
         "architectures": ["LlavaForConditionalGeneration"],

@@ -13,7 +13,22 @@ import torch
 
 from megamod.models.language import LanguageModelConfig
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)  # and Qwen2MoeForCausalLM, through qwen2_moe
+
+
+def any_config_from_hf(hf: dict, where: str = "config.json") -> LanguageModelConfig:
+    """Qwen2 or Qwen2-MoE config.json -> LanguageModelConfig."""
+    from megamod.convert import qwen2_moe
+
+    if hf.get("model_type") == "qwen2_moe":
+        return qwen2_moe.config_from_hf(hf, where)
+    return config_from_hf(hf, where)
+
+
+def any_config_to_hf(cfg: LanguageModelConfig, torch_dtype: str = "float32") -> dict:
+    from megamod.convert import qwen2_moe
+
+    return qwen2_moe.config_to_hf(cfg, torch_dtype) if cfg.num_experts is not None else config_to_hf(cfg, torch_dtype)
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -33,7 +48,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> LanguageModelConfig:
     if hf.get("model_type") != "qwen2" or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{where}: unsupported architecture {archs[0]!r} (model_type {hf.get('model_type')!r}); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'qwen2')"
+            f"supported: Qwen2ForCausalLM (model_type 'qwen2'), Qwen2MoeForCausalLM ('qwen2_moe'), "
+            f"LlavaForConditionalGeneration ('llava')"
         )
     if hf.get("use_sliding_window"):
         raise ValueError(f"{where}: use_sliding_window=true is not supported")
@@ -147,24 +163,27 @@ def _qkv(prefix: str, cfg: LanguageModelConfig, kind: str) -> Rule:
 
 
 def layer_rules(cfg: LanguageModelConfig, i: int, hf_prefix: str = "model") -> dict[str, Rule]:
+    from megamod.convert import qwen2_moe
+
     mg, hf = f"decoder.layers.{i}", f"{hf_prefix}.layers.{i}"
     rules = {
         f"{mg}.input_layernorm.weight": same(f"{hf}.input_layernorm.weight"),
         f"{mg}.self_attention.linear_qkv.weight": _qkv(hf, cfg, "weight"),
         f"{mg}.self_attention.linear_proj.weight": same(f"{hf}.self_attn.o_proj.weight"),
         f"{mg}.pre_mlp_layernorm.weight": same(f"{hf}.post_attention_layernorm.weight"),
-        f"{mg}.mlp.linear_fc1.weight": _gate_up(hf),
-        f"{mg}.mlp.linear_fc2.weight": same(f"{hf}.mlp.down_proj.weight"),
     }
+    if qwen2_moe.is_moe_layer(cfg, i):
+        rules.update(qwen2_moe.moe_mlp_rules(cfg, mg, hf))
+    else:
+        rules[f"{mg}.mlp.linear_fc1.weight"] = _gate_up(hf)
+        rules[f"{mg}.mlp.linear_fc2.weight"] = same(f"{hf}.mlp.down_proj.weight")
     if cfg.qkv_bias:
         rules[f"{mg}.self_attention.linear_qkv.bias"] = _qkv(hf, cfg, "bias")
     return rules
 
 
 def rules(cfg: LanguageModelConfig, hf_prefix: str = "model", lm_head: str = "lm_head.weight") -> dict[str, Rule]:
-    """All Megatron tensor names of the unsharded dense model, each with its HF rule."""
-    if cfg.num_experts is not None:
-        raise ValueError("the Qwen2 mapping is for dense models; sparse models use the Qwen2-MoE mapping")
+    """All Megatron tensor names of the unsharded model (dense, or sparse as Qwen2-MoE), each with its HF rule."""
     out = {"embedding.word_embeddings.weight": _padded_rows(f"{hf_prefix}.embed_tokens.weight", cfg)}
     for i in range(cfg.num_layers):
         out.update(layer_rules(cfg, i, hf_prefix))

@@ -93,3 +93,63 @@ def test_megamod_moe_layer_equals_megatron(world1):
     assert torch.equal(outs[0][1], outs[1][1])
     for g0, g1 in zip(outs[0][2], outs[1][2]):
         torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
+
+
+def _perturbed_sparse(tmp_path, kind="language"):
+    """An upcycled student whose experts differ (as after D2S training), so routing decides the output."""
+    hf_dir = tmp_path / "hf"
+    (tiny_llava if kind == "llava" else tiny_qwen2)(hf_dir)
+    hf_to_megamod(str(hf_dir), str(tmp_path / "dense"))
+    upcycle(str(tmp_path / "dense"), str(tmp_path / "moe0"), num_experts=4, topk=2)
+    build, config_cls = (build_llava_model, LlavaConfig) if kind == "llava" else (build_language_model,
+                                                                                  LanguageModelConfig)
+    cfg, model = _load(str(tmp_path / "moe0"), build, config_cls)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".local_experts." in name or ".router." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    meta = checkpoint.read_metadata(str(tmp_path / "moe0"))
+    checkpoint.save_model(model, str(tmp_path / "moe"), meta)
+    return cfg, model
+
+
+def test_sparse_export_is_qwen2_moe_with_equal_logits(world1, tmp_path):
+    from transformers import Qwen2MoeForCausalLM
+
+    from megamod.convert.checkpoint import megamod_to_hf
+    from megamod.convert.hf_io import HFReader
+
+    cfg, model = _perturbed_sparse(tmp_path)
+    megamod_to_hf(str(tmp_path / "moe"), str(tmp_path / "hf-moe"))
+    hf, info = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "hf-moe", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.mlp_only_layers == [1, 3] and hf.config.norm_topk_prob and hf.config.num_experts == 4
+    ids = torch.randint(0, cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf.eval()(ids).logits
+    ours = forward_logits(model, ids, cfg.vocab_size)
+    assert (ours - ref).abs().max().item() <= 1e-4 and torch.equal(ours.argmax(-1), ref.argmax(-1))
+    # and back: Qwen2-MoE -> megamod -> Qwen2-MoE is bitwise
+    hf_to_megamod(str(tmp_path / "hf-moe"), str(tmp_path / "moe-again"))
+    megamod_to_hf(str(tmp_path / "moe-again"), str(tmp_path / "hf-moe-again"))
+    a, b = HFReader(str(tmp_path / "hf-moe")), HFReader(str(tmp_path / "hf-moe-again"))
+    assert sorted(a.names()) == sorted(b.names())
+    assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
+
+
+def test_sparse_llava_export_loads_in_transformers(world1, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from megamod.convert.checkpoint import megamod_to_hf
+
+    cfg, model = _perturbed_sparse(tmp_path, kind="llava")
+    megamod_to_hf(str(tmp_path / "moe"), str(tmp_path / "hf-moe"))
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf-moe", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.text_config.model_type == "qwen2_moe"
+    ids = torch.tensor([expand_image_tokens([3, 250, 7, 9, 11], 250, 16)])
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, pixel_values=images).logits
+    ours = forward_logits(model, ids, cfg.language.vocab_size, images)
+    assert (ours - ref).abs().max().item() <= 1e-4
