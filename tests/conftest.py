@@ -6,9 +6,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def world1():
-    """A gloo world of one with Megatron's parallel state (TP=PP=EP=1) in the pytest process."""
+    """A gloo world of one with Megatron's parallel state (TP=PP=EP=1) in the pytest process. Set up for every test
+    that asks: commands run in-process end with distributed.shutdown(), as they do for users."""
     from megamod import distributed
 
     distributed.initialize(distributed.ParallelConfig())

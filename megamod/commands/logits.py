@@ -89,7 +89,8 @@ def _load_images(ckpt: str, paths: list[str]) -> torch.Tensor:
     meta = checkpoint.read_metadata(ckpt)
     if meta.get("kind") != "llava":
         raise ValueError(f"{ckpt}: --image needs a LLaVA checkpoint, this one is {meta.get('kind')!r}")
-    processor = ImageProcessor.for_vision(LlavaConfig.from_dict(meta["model"]).vision)
+    vision = LlavaConfig.from_dict(meta["model"]).vision
+    processor = ImageProcessor(size=vision.image_size, mode="pad", mean=vision.image_mean, std=vision.image_std)
     return torch.stack([processor.load(p) for p in paths])
 
 

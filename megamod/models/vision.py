@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from megamod.data.images import CLIP_MEAN, CLIP_STD
 
 
 @dataclass

@@ -80,7 +80,10 @@ def _reference_training(ckpt, batches):
 
 
 @pytest.fixture(scope="module")
-def runs(world1, tmp_path_factory):
+def runs(tmp_path_factory):
+    from megamod import distributed
+
+    distributed.initialize()
     tmp = tmp_path_factory.mktemp("parallel")
     refs, jobs = {}, {2: [], 4: []}
     for name, overrides in LM_CONFIGS.items():
@@ -155,7 +158,7 @@ def test_upcycled_logits_equal_dense(runs, layout):
 
 
 @pytest.mark.parametrize("name", list(TRAIN))
-def test_training_step_matches_single_process(runs, name):
+def test_training_step_matches_single_process(world1, runs, name):
     from megatron.core import dist_checkpointing
 
     tmp, _, train_refs = runs

@@ -28,11 +28,19 @@ def _ids(*placeholders_and_text):
 
 
 @pytest.fixture(scope="module")
-def converted(world1, tmp_path_factory):
+def converted_once(tmp_path_factory):
+    from megamod import distributed
+
+    distributed.initialize()
     tmp = tmp_path_factory.mktemp("llava")
     hf = tiny_llava(tmp / "hf")
     hf_to_megamod(str(tmp / "hf"), str(tmp / "mg"))
     return tmp, hf
+
+
+@pytest.fixture
+def converted(world1, converted_once):
+    return converted_once
 
 
 def test_round_trip_bitwise(converted):
@@ -170,3 +178,23 @@ def test_unsupported_llava_configs_are_errors(tmp_path):
         convert_llava.config_from_hf({**hf, "vision_config": {**hf["vision_config"], "model_type": "siglip"}})
     with pytest.raises(ValueError, match="mlp2x_gelu"):
         convert_llava.config_from_hf({**hf, "projector_hidden_act": "relu"})
+
+
+def test_logits_command_with_an_image_file(converted):
+    """`megamod logits --image`: CLIP preprocessing (pad to square with the mean colour), one image per <image>."""
+    from PIL import Image
+
+    from megamod.cli import main
+    from megamod.data.images import ImageProcessor
+
+    tmp, hf = converted
+    pixels = (torch.arange(20 * 12 * 3) % 251).to(torch.uint8).reshape(12, 20, 3).numpy()  # not square
+    Image.fromarray(pixels).save(tmp / "img.png")
+    assert main(["logits", "--ckpt", str(tmp / "mg"), "--input-ids", f"3,{IMAGE},17,5", "--image",
+                 str(tmp / "img.png"), "--out", str(tmp / "img-logits.pt")]) == 0
+    pixel_values = ImageProcessor(size=32, mode="pad").load(str(tmp / "img.png"))[None]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([_ids(3, IMAGE, 17, 5)]), pixel_values=pixel_values).logits[0]
+    ours = torch.load(tmp / "img-logits.pt")
+    assert ours.shape == ref.shape == (19, 251)
+    assert (ours - ref).abs().max().item() <= 1e-4
