@@ -25,6 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--moe-layers", default="even", help="'even' (default, as LLaVA-MoD), 'odd', 'all' or '0,2,5'")
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="expert capacity with token dropping (default: dropless)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the routers' initialisation")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -32,7 +34,8 @@ def add_arguments(p) -> None:
 
 
 def upcycle(ckpt: str, out: str, num_experts: int, topk: int, moe_layers: str = "even",
-            aux_loss_coeff: float = 0.01, seed: int = 1234, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
+            aux_loss_coeff: float = 0.01, seed: int = 1234, tp: int = 1, pp: int = 1, ep: int = 1,
+            capacity_factor: float | None = None) -> dict:
     meta = checkpoint.read_metadata(ckpt)
     kind, dtype = meta.get("kind"), checkpoint.dtype_from_name(meta["dtype"])
     if kind == "llava":
@@ -42,8 +45,9 @@ def upcycle(ckpt: str, out: str, num_experts: int, topk: int, moe_layers: str = 
         dense_cfg = language = LanguageModelConfig.from_dict(meta["model"])
     else:
         raise ValueError(f"{ckpt}: kind {kind!r} cannot be upcycled")
-    sparse_language = sparse_config(language, num_experts, topk, moe_layer_pattern(moe_layers, language.num_layers),
-                                    aux_loss_coeff)
+    sparse_language = dataclasses.replace(
+        sparse_config(language, num_experts, topk, moe_layer_pattern(moe_layers, language.num_layers), aux_loss_coeff),
+        moe_capacity_factor=capacity_factor)
     sparse_cfg = dataclasses.replace(dense_cfg, language=sparse_language) if kind == "llava" else sparse_language
     build = build_llava_model if kind == "llava" else build_language_model
     # The dense model is loaded at the same TP/PP without expert parallelism, so each rank holds the FFN shards
@@ -64,6 +68,6 @@ def upcycle(ckpt: str, out: str, num_experts: int, topk: int, moe_layers: str = 
 
 def run(args) -> int:
     upcycle(args.ckpt, args.out, args.num_experts, args.topk, args.moe_layers, args.aux_loss_coeff, args.seed,
-            args.tp, args.pp, args.ep)
+            args.tp, args.pp, args.ep, args.capacity_factor)
     distributed.shutdown()
     return 0

@@ -39,6 +39,10 @@ class LanguageModelConfig:
     moe_layer_pattern: list[int] = field(default_factory=list)  # 1 = MoE layer, 0 = dense; empty = all MoE
     moe_aux_loss_coeff: float = 0.01
     moe_ffn_hidden_size: int | None = None  # None means ffn_hidden_size (upcycled experts are FFN copies)
+    # None: dropless (default). A number: each expert takes at most capacity_factor * tokens * topk / experts
+    # tokens, the lowest-probability assignments dropped first (the reference code's 1.5 in training).
+    moe_capacity_factor: float | None = None
+    moe_token_dispatcher: str = "alltoall"  # or "allgather"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -105,7 +109,9 @@ def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, seq
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss",
             moe_router_dtype="fp32",
-            moe_token_dispatcher_type="alltoall",
+            moe_token_dispatcher_type=cfg.moe_token_dispatcher,
+            moe_expert_capacity_factor=cfg.moe_capacity_factor,
+            moe_token_drop_policy="probs",
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
         )

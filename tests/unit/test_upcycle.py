@@ -153,3 +153,37 @@ def test_sparse_llava_export_loads_in_transformers(world1, tmp_path):
         ref = hf.eval()(input_ids=ids, pixel_values=images).logits
     ours = forward_logits(model, ids, cfg.language.vocab_size, images)
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dispatcher,capacity", [("alltoall", None), ("allgather", None), ("alltoall", 0.5),
+                                                 ("allgather", 0.5)])
+def test_moe_layer_dispatchers_and_capacity_equal_megatron(world1, dispatcher, capacity):
+    """Both dispatchers, dropless and with token dropping (capacity factor 0.5 drops about half the assignments),
+    equal megatron-core's MoELayer forward and backward."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megamod.models.moe import AllGatherTokenDispatcher
+
+    cfg = LanguageModelConfig(vocab_size=251, hidden_size=64, num_layers=1, num_attention_heads=4,
+                              num_query_groups=2, ffn_hidden_size=96, num_experts=4, moe_router_topk=2,
+                              moe_capacity_factor=capacity, moe_token_dispatcher=dispatcher)
+    torch.manual_seed(0)
+    ours = build_language_model(cfg).decoder.layers[0].mlp
+    mine = {"alltoall": AlltoAllTokenDispatcher, "allgather": AllGatherTokenDispatcher}[dispatcher]
+    assert type(ours.token_dispatcher) is mine
+    theirs = MoELayer(ours.config, ours.submodules, layer_number=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(16, 2, 64)
+    results = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), xi.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
+    if capacity is not None:  # tokens were really dropped: the output differs from the dropless layer's
+        dropless = MoELayer(build_language_model(LanguageModelConfig(**{**cfg.to_dict(), "moe_capacity_factor": None})
+                                                 ).decoder.layers[0].mlp.config, ours.submodules, layer_number=1)
+        dropless.load_state_dict(ours.state_dict())
+        assert not torch.allclose(dropless(x)[0], results[0][0])
