@@ -165,6 +165,12 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
     from megamod.models.specs import decoder_block_spec, transformer_engine_usable
 
     config = transformer_config(cfg, params_dtype, sequence_parallel, init_weights)
+    if cfg.num_experts is not None:
+        # megatron-core's per-layer aux-loss log is process-global and sized by the first MoE model that writes to
+        # it; a model with another layer count would index past it. Each sparse model starts a fresh log.
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
     use_te = transformer_engine_usable() if use_te is None else use_te
     model = GPTModel(
         config=config,
