@@ -89,6 +89,27 @@ class LanguageModelConfig:
             raise ValueError("expert parallel size > 1 needs a sparse model (num_experts set)")
 
 
+def common_config_kwargs(params_dtype, init_weights: bool) -> dict:
+    """TransformerConfig settings every megamod model shares: exact (unfused, dropout-free) math that runs on CPU
+    and GPU alike, and the parameter dtype."""
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=init_weights,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+    )
+
+
 def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, sequence_parallel: bool = False,
                        init_weights: bool = True, **overrides):
     """Megatron TransformerConfig for `cfg` on the current parallel state."""
@@ -98,7 +119,6 @@ def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, seq
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     ep = ps.get_expert_model_parallel_world_size()
     cfg.validate(tp, pp, ep)
-    on_gpu = torch.cuda.is_available()
     moe = {}
     if cfg.num_experts is not None:
         moe = dict(
@@ -128,28 +148,15 @@ def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, seq
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=cfg.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
-        attention_softmax_in_fp32=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=not on_gpu,
-        perform_initialization=init_weights,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         # megatron-core requires sequence parallelism for MoE layers under TP
         sequence_parallel=tp > 1 and (sequence_parallel or cfg.num_experts is not None),
         **moe,
+        **common_config_kwargs(params_dtype, init_weights),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

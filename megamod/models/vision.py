@@ -65,6 +65,8 @@ def vision_transformer_config(cfg: VisionConfig, params_dtype=torch.float32, ini
     from megatron.core.activations import quick_gelu
     from megatron.core.transformer import TransformerConfig
 
+    from megamod.models.language import common_config_kwargs
+
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -78,23 +80,10 @@ def vision_transformer_config(cfg: VisionConfig, params_dtype=torch.float32, ini
         gated_linear_unit=False,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        attention_softmax_in_fp32=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=init_weights,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         # The tower lives on the first pipeline stage: its block must not be split across stages.
         pipeline_model_parallel_size=1,
+        **common_config_kwargs(params_dtype, init_weights),
     )
 
 

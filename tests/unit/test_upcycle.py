@@ -70,31 +70,6 @@ def test_upcycled_llava_equals_dense(world1, tmp_path):
     assert (a - b).abs().max().item() <= 1e-5
 
 
-def test_megamod_moe_layer_equals_megatron(world1):
-    """The dispatcher seam: forward and backward equal megatron-core's own MoELayer on the same weights."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    cfg = LanguageModelConfig(vocab_size=251, hidden_size=64, num_layers=1, num_attention_heads=4,
-                              num_query_groups=2, ffn_hidden_size=96, num_experts=4, moe_router_topk=2)
-    torch.manual_seed(0)
-    model = build_language_model(cfg)
-    ours = model.decoder.layers[0].mlp
-    theirs = MoELayer(ours.config, ours.submodules, layer_number=1)
-    theirs.load_state_dict(ours.state_dict())
-    assert type(theirs.token_dispatcher).__name__ == "MoEAlltoAllTokenDispatcher"
-    x = torch.randn(11, 3, 64)
-    outs = []
-    for layer in (ours, theirs):
-        xi = x.clone().requires_grad_(True)
-        out, _ = layer(xi)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        outs.append((out.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
-    assert torch.equal(outs[0][0], outs[1][0])
-    assert torch.equal(outs[0][1], outs[1][1])
-    for g0, g1 in zip(outs[0][2], outs[1][2]):
-        torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
-
-
 def _perturbed_sparse(tmp_path, kind="language"):
     """An upcycled student whose experts differ (as after D2S training), so routing decides the output."""
     hf_dir = tmp_path / "hf"
@@ -158,8 +133,8 @@ def test_sparse_llava_export_loads_in_transformers(world1, tmp_path):
 @pytest.mark.parametrize("dispatcher,capacity", [("alltoall", None), ("allgather", None), ("alltoall", 0.5),
                                                  ("allgather", 0.5)])
 def test_moe_layer_dispatchers_and_capacity_equal_megatron(world1, dispatcher, capacity):
-    """Both dispatchers, dropless and with token dropping (capacity factor 0.5 drops about half the assignments),
-    equal megatron-core's MoELayer forward and backward."""
+    """The dispatcher seam: both dispatchers, dropless and with token dropping (capacity factor 0.5 drops about half
+    the assignments), equal megatron-core's own MoELayer on the same weights, forward and backward."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megamod.models.moe import AllGatherTokenDispatcher
@@ -179,9 +154,11 @@ def test_moe_layer_dispatchers_and_capacity_equal_megatron(world1, dispatcher, c
         xi = x.clone().requires_grad_(True)
         out, _ = layer(xi)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append((out.detach(), xi.grad))
+        results.append((out.detach(), xi.grad, [p.grad for p in layer.parameters()]))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
+    for g_ours, g_theirs in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-6, atol=1e-7)
     if capacity is not None:  # tokens were really dropped: the output differs from the dropless layer's
         dropless = MoELayer(build_language_model(LanguageModelConfig(**{**cfg.to_dict(), "moe_capacity_factor": None})
                                                  ).decoder.layers[0].mlp.config, ours.submodules, layer_number=1)
