@@ -2,6 +2,7 @@
 //
 // Each kernel is parallel over tokens: token t reads or writes the rows row_id_TE[t, :], and since the row map is a
 // bijection onto [0, P), every output row is written by exactly one thread; the scatter needs no atomics.
+#include "dispatch.h"
 #include "permute.h"
 
 #include <ATen/Parallel.h>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // torch multiplies and adds in separate ops, rounding in between; GCC would fuse a * b + c into an FMA in C++ (and the
@@ -21,31 +23,14 @@
 namespace megamod {
 namespace {
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-    case DType::kBFloat16: return f(Tag<c10::BFloat16>{});
-    case DType::kFloat16: return f(Tag<c10::Half>{});
-  }
-  throw std::invalid_argument("megamod._C: unsupported dtype");
+  dispatch_dtype_as<c10::BFloat16, c10::Half>(dtype, std::forward<F>(f));
 }
 
-// Arithmetic with probs pairs rows of dtype T with probs of dtype T or float32 (megatron's fp32 router probs).
 template <typename F>
 void dispatch_with_probs(DType dtype, Probs probs, F&& f) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (probs.data == nullptr || probs.dtype == dtype) return f(tag, Tag<T>{});
-    if (probs.dtype == DType::kFloat32) return f(tag, Tag<float>{});
-    throw std::invalid_argument("megamod._C: probs must have the tokens' dtype or float32");
-  });
+  dispatch_with_probs_as<c10::BFloat16, c10::Half>(dtype, probs, std::forward<F>(f));
 }
 
 // torch's type promotion for the pairs above, and its accumulation type.

@@ -14,7 +14,9 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 
+#include "dispatch.h"
 #include "permute.h"
 
 namespace megamod {
@@ -235,30 +237,14 @@ __global__ void unpermute_bwd_kernel(const T* grad_out_TH, const T* permuted_PH,
 
 // ---- launch helpers ----
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-  }
-  throw std::invalid_argument("megamod._C: unsupported dtype");
+  dispatch_dtype_as<__nv_bfloat16, __half>(dtype, std::forward<F>(f));
 }
 
 template <typename F>
 void dispatch_with_probs(DType dtype, Probs probs, F&& f) {
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (probs.data == nullptr || probs.dtype == dtype) return f(tag, Tag<T>{});
-    if (probs.dtype == DType::kFloat32) return f(tag, Tag<float>{});
-    throw std::invalid_argument("megamod._C: probs must have the tokens' dtype or float32");
-  });
+  dispatch_with_probs_as<__nv_bfloat16, __half>(dtype, probs, std::forward<F>(f));
 }
 
 struct Launch {
