@@ -10,30 +10,22 @@ import importlib
 import logging
 import sys
 
-COMMANDS = {
-    "logits": "megamod.commands.logits",
-    "demo": "megamod.commands.demo",
-    "upcycle": "megamod.commands.upcycle",
-    "make-data": "megamod.commands.make_data",
-    "check-data": "megamod.commands.check_data",
-}
-
-HELP = {
-    "logits": "one forward pass; saves fp32 logits [S, V] of every position",
-    "demo": "the main job on CPU",
-    "upcycle": "turn a dense checkpoint into a sparse (MoE) one",
-    "make-data": "write the embedded synthetic multimodal data set",
-    "check-data": "read a whole data file as training would and report every bad sample",
+COMMANDS = {  # name -> (module, help)
+    "logits": ("megamod.commands.logits", "one forward pass; saves fp32 logits [S, V] of every position"),
+    "demo": ("megamod.commands.demo", "the main job on CPU"),
+    "upcycle": ("megamod.commands.upcycle", "turn a dense checkpoint into a sparse (MoE) one"),
+    "make-data": ("megamod.commands.make_data", "write the embedded synthetic multimodal data set"),
+    "check-data": ("megamod.commands.check_data",
+                   "read a whole data file as training would and report every bad sample"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamod", description="LLaVA-MoD distillation on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        p = sub.add_parser(name, help=HELP[name])
-        p.set_defaults(_module=COMMANDS[name])
-        p.set_defaults(_parser=p)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module, _parser=p)
     return parser
 
 
