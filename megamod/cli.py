@@ -11,6 +11,7 @@ import logging
 import sys
 
 COMMANDS = {  # name -> (module, help)
+    "train": ("megamod.commands.train", "run one training stage from a YAML recipe (under torchrun or srun)"),
     "logits": ("megamod.commands.logits", "one forward pass; saves fp32 logits [S, V] of every position"),
     "demo": ("megamod.commands.demo", "the main job on CPU"),
     "upcycle": ("megamod.commands.upcycle", "turn a dense checkpoint into a sparse (MoE) one"),

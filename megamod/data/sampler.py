@@ -4,14 +4,17 @@ MixtureSampler draws from several sources (the datasets of a MixedDataset) with 
 samples (default: all samples once); source i contributes round(epoch_size * w_i / sum w) of them (largest
 remainder, so the counts add up exactly). Each source is read as an endless stream of seeded shuffles of itself, so
 a source drawn less than its size per epoch still shows every sample before repeating one, and one drawn more
-repeats whole passes. The epoch's draws are shuffled together (seed, epoch), padded by wrapping to a multiple of the
-data-parallel size, and rank r takes positions r, r + n, r + 2n, ...: the ranks of one epoch see every drawn sample
-exactly once (the few wrapped ones twice when the epoch does not divide by n).
+repeats whole passes. The epoch's draws are shuffled together (seed, epoch) and padded by wrapping to whole rounds of
+n x b positions (n data-parallel ranks, b = block_size); rank r takes the blocks r, r + n, r + 2n, ... With b the
+micro-batch size, every micro-batch holds the same samples whatever n is (micro-batch j of the single-process run
+is micro-batch j // n of rank j % n), so per-micro-batch losses do not depend on the data-parallel layout. The ranks
+of one epoch see every drawn sample exactly once (the few wrapped ones twice when the epoch does not divide).
 
-The state is one number, `consumed`: positions of the global order already handed out (a multiple of n).
+The state is one number, `consumed`: positions of the global order already handed out (whole rounds).
 StatefulLoader advances it per batch delivered to the caller, not per batch prefetched, so its `state_dict()` saved
-with a checkpoint resumes on exactly the next sample. The state also records what the order depends on (sizes,
-weights, seed, epoch size, dp size); loading it into a sampler that differs in any of these is an error.
+with a checkpoint resumes on exactly the next sample, also at another data-parallel size. The state also records
+what the order depends on (sizes, weights, seed, epoch size); loading it into a sampler that differs in any of
+these is an error.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ def apportion(total: int, weights: list[float]) -> list[int]:
 
 class MixtureSampler(torch.utils.data.Sampler):
     def __init__(self, sizes: list[int], weights: list[float] | None = None, *, seed: int = 0, dp_rank: int = 0,
-                 dp_size: int = 1, epoch_size: int | None = None, shuffle: bool = True, num_epochs: int | None = None):
+                 dp_size: int = 1, epoch_size: int | None = None, shuffle: bool = True, num_epochs: int | None = None,
+                 block_size: int = 1):
         if not sizes or any(s < 0 for s in sizes):
             raise ValueError(f"sizes must be non-negative counts, got {sizes}")
         weights = list(sizes) if weights is None else list(weights)
@@ -48,7 +52,10 @@ class MixtureSampler(torch.utils.data.Sampler):
         empty = [i for i, (c, s) in enumerate(zip(self.counts, sizes)) if c and not s]
         if empty:
             raise ValueError(f"sources {empty} are empty but have weight")
-        self.epoch_length = -(-self.epoch_size // dp_size) * dp_size  # padded to a multiple of dp_size
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.epoch_length = self._epoch_length(dp_size)
         self.offsets = np.cumsum([0] + self.sizes)[:-1]
         self.consumed = 0
         self._cached: tuple[int, np.ndarray] | None = None
@@ -81,29 +88,42 @@ class MixtureSampler(torch.utils.data.Sampler):
         """Samples this rank sees per epoch."""
         return self.epoch_length // self.dp_size
 
+    def _epoch_length(self, dp_size: int) -> int:
+        """The epoch padded to whole rounds of one block per rank."""
+        round_ = dp_size * self.block_size
+        return -(-self.epoch_size // round_) * round_
+
     def __iter__(self):
-        pos = self.consumed
+        pos, round_ = self.consumed, self.dp_size * self.block_size
         while self.num_epochs is None or pos < self.num_epochs * self.epoch_length:
             epoch, k = divmod(pos, self.epoch_length)
-            for i in self.epoch_order(epoch)[k + self.dp_rank::self.dp_size]:
-                yield int(i)
+            order = self.epoch_order(epoch)
+            for start in range(k + self.dp_rank * self.block_size, self.epoch_length, round_):
+                for i in order[start:start + self.block_size]:
+                    yield int(i)
             pos = (epoch + 1) * self.epoch_length
 
     def _fingerprint(self) -> dict:
         return {"sizes": self.sizes, "weights": [float(w) for w in self.weights], "seed": self.seed,
-                "epoch_size": self.epoch_size, "dp_size": self.dp_size, "shuffle": self.shuffle}
+                "epoch_size": self.epoch_size, "shuffle": self.shuffle}
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, **self._fingerprint()}
+        return {"consumed": self.consumed, "dp_size": self.dp_size, "block_size": self.block_size,
+                **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resumes on the next sample of the global order, also at another data-parallel size (the epochs' wrap
+        padding is re-cut for the new size)."""
         saved = {k: state.get(k) for k in self._fingerprint()}
         if saved != self._fingerprint():
             diff = {k: (saved[k], v) for k, v in self._fingerprint().items() if saved[k] != v}
             raise ValueError(f"sampler state is for another data order (saved vs now): {diff}")
-        if state["consumed"] % self.dp_size:
-            raise ValueError(f"consumed {state['consumed']} is not a multiple of dp_size {self.dp_size}")
-        self.consumed = int(state["consumed"])
+        old_round = int(state.get("dp_size", self.dp_size)) * int(state.get("block_size", self.block_size))
+        epoch, offset = divmod(int(state["consumed"]), -(-self.epoch_size // old_round) * old_round)
+        if offset % (self.dp_size * self.block_size):
+            raise ValueError(f"the saved position ({offset} samples into epoch {epoch}) does not split over "
+                             f"dp_size {self.dp_size} x block_size {self.block_size}; resume with sizes that divide it")
+        self.consumed = epoch * self.epoch_length + offset
 
 
 class _BatchSampler:

@@ -24,8 +24,11 @@ def cross_entropy_BS(logits_BSv: torch.Tensor, labels_BS: torch.Tensor, vocab_si
     """Per-token loss [B, S] from vocab-parallel logits [B, S, V/tp]; never gathers the vocabulary."""
     from megatron.core import tensor_parallel
 
-    logits_BSv = mask_padded_vocab(logits_BSv.float(), vocab_size)
-    return tensor_parallel.vocab_parallel_cross_entropy(logits_BSv, labels_BS)
+    masked_BSv = mask_padded_vocab(logits_BSv.float(), vocab_size)
+    if masked_BSv.data_ptr() == logits_BSv.data_ptr():
+        # megatron's vocab-parallel CE works in place: the caller's logits (also the KD loss's input) stay intact.
+        masked_BSv = masked_BSv.clone()
+    return tensor_parallel.vocab_parallel_cross_entropy(masked_BSv, labels_BS)
 
 
 def masked_mean(loss_BS: torch.Tensor, loss_mask_BS: torch.Tensor) -> torch.Tensor:

@@ -85,8 +85,7 @@ class LanguageModelConfig:
                 raise ValueError(
                     f"moe_layer_pattern has {len(self.moe_layer_pattern)} entries for {self.num_layers} layers"
                 )
-        elif ep != 1:
-            raise ValueError("expert parallel size > 1 needs a sparse model (num_experts set)")
+        # A dense model ignores EP: in a distillation job a dense teacher sits beside an expert-parallel student.
 
 
 def common_config_kwargs(params_dtype, init_weights: bool) -> dict:
@@ -152,7 +151,7 @@ def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, seq
         apply_rope_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
+        expert_model_parallel_size=ep if cfg.num_experts is not None else 1,  # a dense model has no experts
         # megatron-core requires sequence parallelism for MoE layers under TP
         sequence_parallel=tp > 1 and (sequence_parallel or cfg.num_experts is not None),
         **moe,

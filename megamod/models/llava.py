@@ -42,6 +42,14 @@ def expand_image_tokens(ids: list[int], image_token_id: int, num_image_tokens: i
     return out
 
 
+def split_sequence_BS(mask_BS: torch.Tensor) -> torch.Tensor:
+    """This TP rank's sequence-parallel slice [B, S/tp] of a per-position tensor."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.scatter_to_sequence_parallel_region(mask_BS.transpose(0, 1).contiguous()) \
+        .transpose(0, 1).contiguous()
+
+
 def projector_config(cfg: LlavaConfig, params_dtype=torch.float32, init_weights: bool = True):
     from megamod.models.language import transformer_config
 
@@ -72,6 +80,9 @@ class LlavaModel(MegatronModule):
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
         self.model_type = language_model.model_type  # read by megatron's pipeline schedules
         if self.pre_process:
+            # LLaVA embeds the text itself (image features go in before the sequence is split across TP ranks), so
+            # the lookup returns the full [B, S, H]; _decoder_input scatters it for sequence parallelism.
+            language_model.embedding.word_embeddings.reduce_scatter_embeddings = False
             self.vision_model = CLIPVisionTower(cfg.vision, params_dtype, init_weights, use_te)
             self.vision_projection = MultimodalProjector(
                 projector_config(cfg, params_dtype, init_weights),
@@ -118,10 +129,15 @@ class LlavaModel(MegatronModule):
             decoder_input_SBH = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input_SBH)
         return decoder_input_SBH
 
-    def forward(self, input_ids_BS, position_ids_BS, images_NCHW=None, attention_mask=None, labels=None):
+    def forward(self, input_ids_BS, position_ids_BS, images_NCHW=None, attention_mask=None, labels=None,
+                padding_mask=None):
+        """`padding_mask` [B, S] (True at padding) keeps padding out of MoE routing statistics."""
         decoder_input = self._decoder_input(input_ids_BS, images_NCHW) if self.pre_process else None
+        if padding_mask is not None and self.pre_process and self.config.sequence_parallel:
+            # GPTModel splits the mask for sequence parallelism only when it embeds the tokens itself.
+            padding_mask = split_sequence_BS(padding_mask)
         return self.language_model(input_ids_BS, position_ids_BS, attention_mask, decoder_input=decoder_input,
-                                   labels=labels)
+                                   labels=labels, padding_mask=padding_mask)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         sharded = self.language_model.sharded_state_dict(f"{prefix}language_model.", sharded_offsets, metadata)

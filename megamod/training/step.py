@@ -27,45 +27,54 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False):
 
 
 def build_optimizer(ddp_models: list, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
-                    use_distributed_optimizer: bool = False, adam_betas=(0.9, 0.999)):
+                    use_distributed_optimizer: bool = False, adam_betas=(0.9, 0.999), min_lr: float = 0.0):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = ddp_models[0].config
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_betas[0], adam_beta2=adam_betas[1],
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_betas[0], adam_beta2=adam_betas[1],
         clip_grad=clip_grad, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_models)
     # The schedule reads these from the model config: gradient sync across DP / tied embeddings, loss scaling
     # (also of the MoE aux loss), and no_sync across micro-batches.
-    config.finalize_model_grads_func = finalize_model_grads
+    # Always the student's DDP models, also when the schedule runs a DistillPair around them.
+    config.finalize_model_grads_func = lambda _scheduled, *args, **kwargs: finalize_model_grads(
+        ddp_models, *args, **kwargs)
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [m.no_sync for m in ddp_models] if len(ddp_models) > 1 else ddp_models[0].no_sync
     return optimizer
 
 
 def forward_backward(ddp_models: list, forward_step: Callable, micro_batches: list, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> list[dict]:
+                     micro_batch_size: int, forward_only: bool = False, schedule_model=None,
+                     adjust_tensor_shapes_fn: Callable | None = None) -> list[dict]:
+    """`schedule_model`: what the pipeline schedule runs instead of the DDP models (a DistillPair carrying a
+    teacher); `adjust_tensor_shapes_fn`: its activation shapes between pipeline stages."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not forward_only:
         for m in ddp_models:
             m.zero_grad_buffer()
+    model = schedule_model if schedule_model is not None else (ddp_models if len(ddp_models) > 1 else ddp_models[0])
+    extra = {"adjust_tensor_shapes_fn": adjust_tensor_shapes_fn} if adjust_tensor_shapes_fn is not None else {}
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches),
-        model=ddp_models if len(ddp_models) > 1 else ddp_models[0], num_microbatches=len(micro_batches),
-        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only,
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
+        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only, **extra,
     )
 
 
 def train_step(ddp_models: list, optimizer, forward_step: Callable, micro_batches: list, seq_length: int,
-               micro_batch_size: int, before_optimizer_step: Callable[[], None] | None = None) -> StepResult:
+               micro_batch_size: int, before_optimizer_step: Callable[[], None] | None = None,
+               schedule_model=None, adjust_tensor_shapes_fn: Callable | None = None) -> StepResult:
     """Gradients are complete (reduced across DP, tied embeddings synced) when `before_optimizer_step` runs;
     the optimizer then clips them in place."""
     optimizer.zero_grad()
-    losses = forward_backward(ddp_models, forward_step, micro_batches, seq_length, micro_batch_size)
+    losses = forward_backward(ddp_models, forward_step, micro_batches, seq_length, micro_batch_size,
+                              schedule_model=schedule_model, adjust_tensor_shapes_fn=adjust_tensor_shapes_fn)
     if before_optimizer_step is not None:
         before_optimizer_step()
     update_successful, grad_norm, _ = optimizer.step()

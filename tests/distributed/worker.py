@@ -72,6 +72,15 @@ def run_train(job):
             json.dump({"dp": dp, "dp_rank": dp_rank, "losses": losses, "grad_norms": grad_norms}, f)
 
 
+def run_losses(job):
+    from tests.distributed import loss_checks
+
+    loss_checks.run(job)
+
+
+_JOBS = {"logits": run_logits, "train": run_train, "losses": run_losses}
+
+
 def main():
     timeout = int(os.environ.get("MEGAMOD_WORKER_TIMEOUT", "400"))
     # A gloo hang is silent: dump every thread's stack and exit before the launcher's timeout.
@@ -81,7 +90,7 @@ def main():
     from megamod import distributed
 
     for job in jobs:
-        {"logits": run_logits, "train": run_train}[job["kind"]](job)
+        _JOBS[job["kind"]](job)
         torch.distributed.barrier()
     distributed.shutdown()
     faulthandler.cancel_dump_traceback_later()

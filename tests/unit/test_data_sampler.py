@@ -83,8 +83,25 @@ def test_state_from_another_order_is_rejected():
     state = MixtureSampler([10], seed=1).state_dict()
     with pytest.raises(ValueError, match="another data order.*seed"):
         MixtureSampler([10], seed=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="dp_size"):
-        MixtureSampler([10], seed=1, dp_size=2).load_state_dict(state)
+
+
+def test_resume_at_another_data_parallel_size_continues_the_global_order():
+    # dp=1 consumed 6 of epoch 0 (epoch 23 samples); dp=2 ranks then see exactly the rest of the global order
+    # (epochs re-padded to 24 for two ranks).
+    one = MixtureSampler([23], seed=3, num_epochs=2)
+    order = list(one)
+    one.consumed = 6
+    rest = []
+    ranks = [MixtureSampler([23], seed=3, dp_rank=r, dp_size=2, num_epochs=2) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(one.state_dict())
+    per_rank = [list(r) for r in ranks]
+    rest = [i for pair in zip(*per_rank) for i in pair]
+    assert rest[:17] == order[6:23]  # the rest of epoch 0, then epoch 1 starts in the same global order
+    assert rest[18:18 + 23] == order[23:46]
+    one.consumed = 5
+    with pytest.raises(ValueError, match="does not split over dp_size 2"):
+        ranks[0].load_state_dict(one.state_dict())
 
 
 def test_apportion_is_exact():
@@ -120,3 +137,12 @@ def test_bad_arguments():
         MixtureSampler([10, 0], [1.0, 1.0])
     with pytest.raises(ValueError, match="dp_rank 2"):
         MixtureSampler([10], dp_rank=2, dp_size=2)
+
+
+def test_blocks_keep_micro_batches_whole_across_data_parallel_sizes():
+    single = list(MixtureSampler([13], seed=4, block_size=2, num_epochs=1))
+    ranks = [list(MixtureSampler([13], seed=4, dp_rank=r, dp_size=2, block_size=2, num_epochs=1)) for r in range(2)]
+    micro = lambda xs: [xs[i:i + 2] for i in range(0, len(xs), 2)]  # noqa: E731
+    # micro-batch j of one process is micro-batch j // 2 of rank j % 2 (epochs padded to 16 positions)
+    assert micro(single)[:6] == [m for pair in zip(micro(ranks[0]), micro(ranks[1])) for m in pair][:6]
+    assert len(single) == 14 and len(ranks[0]) == 8

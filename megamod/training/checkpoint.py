@@ -1,0 +1,179 @@
+"""Training checkpoints: student weights, optimizer, scheduler, step, RNG and data position, resumable anywhere.
+
+Layout of `<run>/checkpoints/`:
+  step_0000040/        dist checkpoint (student model + optimizer, canonical keys: loads at any TP/PP/DP layout),
+                       rng/<layout>-rank<r>.pt (per-rank RNG states), train_state.json (rank 0), manifest.json
+  latest               the name of the newest complete checkpoint
+A checkpoint is written under `.tmp-step_N`, gets its manifest (every file with its size) last, and is renamed
+only then; `latest` is replaced atomically after the rename. Resume takes the newest directory whose manifest
+matches its files; a directory that does not (a copy truncated mid-write, a file missing) is reported and skipped.
+The teacher is not saved: it is loaded from its own checkpoint by every run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE = "train_state.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:07d}")
+
+
+def _layout_tag() -> str:
+    from megatron.core import parallel_state as ps
+
+    return (f"tp{ps.get_tensor_model_parallel_world_size()}pp{ps.get_pipeline_model_parallel_world_size()}"
+            f"ep{ps.get_expert_model_parallel_world_size()}dp{ps.get_data_parallel_world_size()}")
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded(model, optimizer, is_loading: bool) -> dict:
+    model_sd = model.sharded_state_dict()
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def _files(directory: str) -> dict[str, int]:
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel != MANIFEST:
+                out[rel] = os.path.getsize(path)
+    return out
+
+
+def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | None = None) -> str:
+    """Every rank calls this. `model` is the unwrapped student of this rank; `train_state` is JSON (rank 0's is
+    written)."""
+    from megatron.core import dist_checkpointing
+
+    rank = torch.distributed.get_rank()
+    final = step_dir(root, step)
+    tmp = os.path.join(root, f".tmp-{os.path.basename(final)}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt killed mid-write
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), tmp)
+    if rank == 0:
+        os.makedirs(os.path.join(tmp, "rng"))  # after the dist save, which wants an empty directory
+    torch.distributed.barrier()
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"{_layout_tag()}-rank{rank}.pt"))
+    torch.distributed.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, STATE), "w") as f:
+            json.dump({**train_state, "step": step, "layout": _layout_tag()}, f, indent=2)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"step": step, "files": _files(tmp)}, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
+            f.write(os.path.basename(final) + "\n")
+        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+        _prune(root, keep)
+    torch.distributed.barrier()
+    return final
+
+
+def _prune(root: str, keep: int | None) -> None:
+    if keep is None:
+        return
+    steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m)
+    for s in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(step_dir(root, s), ignore_errors=True)
+
+
+def verify(directory: str) -> str | None:
+    """None if the checkpoint is complete, else why not."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return f"no {MANIFEST} (written last: the save did not finish)"
+    try:
+        with open(path) as f:
+            expected = json.load(f)["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    found = _files(directory)
+    for name, size in expected.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != size:
+            return f"{name} has {found[name]} bytes, the manifest says {size}"
+    return None
+
+
+def find_resume(root: str) -> str | None:
+    """The newest complete checkpoint under `root`, reporting every newer incomplete one."""
+    if not os.path.isdir(root):
+        return None
+    steps = sorted((int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m), reverse=True)
+    pointer = os.path.join(root, LATEST)
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if not os.path.isdir(os.path.join(root, name)):
+            log.warning("%s names %s, which does not exist; searching %s", pointer, name, root)
+    for step in steps:
+        directory = step_dir(root, step)
+        problem = verify(directory)
+        if problem is None:
+            return directory
+        log.warning("checkpoint %s is incomplete (%s): ignored, trying the previous one", directory, problem)
+    return None
+
+
+def load(directory: str, model, optimizer) -> dict:
+    """Load into this rank's student and optimizer (any layout); RNG states when the layout is the same.
+    Returns the train state."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    with open(os.path.join(directory, STATE)) as f:
+        train_state = json.load(f)
+    state = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), directory,
+                                    strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    rng = os.path.join(directory, "rng", f"{_layout_tag()}-rank{torch.distributed.get_rank()}.pt")
+    if os.path.exists(rng):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:
+        log.info("checkpoint %s was written at layout %s, this run is %s: RNG states start fresh", directory,
+                 train_state.get("layout"), _layout_tag())
+    return train_state

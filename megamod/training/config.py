@@ -1,0 +1,199 @@
+"""A training run as nested dataclasses, read from a YAML recipe plus `key.sub=value` overrides.
+
+Every key is checked when the file is read: an unknown or mistyped key is an error naming the file and the key
+path, never ignored. Defaults that depend on the stage (learning rate, data kind) are filled in by `resolve`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from megamod.training.stages import get_stage
+
+
+@dataclass
+class DataSource:
+    path: str
+    weight: float = 1.0
+    kind: str | None = None  # "conversations" | "pairs"; default from the stage
+    template: str = "llava_mod"
+    image_folder: str | None = None  # default: the file's directory
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list)
+    tokenizer: str | None = None  # default: the student checkpoint's tokenizer/ folder
+    max_length: int = 2048  # text tokens, each <image> counted as its expanded positions
+    num_workers: int = 0
+    on_bad_sample: str = "error"  # or "skip" (every skipped sample is reported)
+    seed: int = 0
+    epoch_size: int | None = None  # samples per epoch; default: every sample of every source once
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # default: the stage's
+    min_lr: float = 0.0
+    warmup_fraction: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class LossConfig:
+    weights: dict = field(default_factory=dict)  # overrides the stage's loss weights, e.g. {ce: 0.5}
+    kd: str = "forward"  # "forward" KL(T||S) | "reverse" KL(S||T)
+    temperature: float = 1.0
+    preference: str = "dpo"  # "dpo" | "kto_pair"
+    beta: float = 0.1
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    steps: int | None = None  # default: one epoch (METHOD.md), epochs * samples / global batch
+    epochs: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep: int | None = 2  # newest complete checkpoints kept; None = all
+    resume: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    stage: str
+    student: str  # megamod checkpoint directory
+    out: str  # run directory: checkpoints/, tensorboard/, model/ (the final student, input of the next stage)
+    teacher: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 1234
+    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, value, where: str):
+    """Build dataclass `cls` (or a typed value) from plain YAML data, naming `where` in every error."""
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in value
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s) {missing}")
+        return cls(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    origin, args = typing.get_origin(cls), typing.get_args(cls)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if cls in (int, float, str, bool, dict) and not isinstance(value, cls) or (cls is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {cls.__name__}, got {value!r}")
+    return value
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`a.b.c=value` (value parsed as YAML) into the nested dict `raw`."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key.path=value")
+    key, text = override.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    raw = dict(base or {})
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the recipe must be a mapping of sections")
+        raw.update(loaded)
+    for o in overrides:
+        apply_override(raw, o)
+    cfg = _build(RunConfig, raw, path or "config")
+    return validate(cfg, path or "config")
+
+
+def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
+    stage = get_stage(cfg.stage)
+    if stage.teacher and not cfg.teacher:
+        raise ConfigError(f"{where}: stage {cfg.stage} needs a teacher checkpoint (teacher: DIR)")
+    if not cfg.data.train:
+        raise ConfigError(f"{where}: data.train lists no data files")
+    s = cfg.schedule
+    if s.micro_batch_size < 1 or s.global_batch_size % s.micro_batch_size:
+        raise ConfigError(f"{where}: schedule.global_batch_size {s.global_batch_size} is not a multiple of "
+                          f"micro_batch_size {s.micro_batch_size}")
+    if cfg.loss.kd not in ("forward", "reverse"):
+        raise ConfigError(f"{where}: loss.kd must be forward or reverse, got {cfg.loss.kd!r}")
+    if cfg.loss.preference not in ("dpo", "kto_pair"):
+        raise ConfigError(f"{where}: loss.preference must be dpo or kto_pair, got {cfg.loss.preference!r}")
+    unknown = set(cfg.loss.weights) - {"ce", "kd", "preference"}
+    if unknown:
+        raise ConfigError(f"{where}: loss.weights has unknown losses {sorted(unknown)} (ce, kd, preference)")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.data.on_bad_sample not in ("error", "skip"):
+        raise ConfigError(f"{where}: data.on_bad_sample must be error or skip")
+    return cfg
+
+
+def loss_weights(cfg: RunConfig) -> dict:
+    """The stage's loss weights with the recipe's overrides; zero-weight losses are dropped."""
+    weights = {**get_stage(cfg.stage).losses, **cfg.loss.weights}
+    return {k: float(v) for k, v in weights.items() if v}

@@ -1,0 +1,150 @@
+"""What one micro-batch computes in each stage: the forward of student (and teacher) and the weighted losses.
+
+Runs inside Megatron's pipeline schedule. On every stage the student runs its layers and, when the stage has a
+teacher, the teacher runs its own slice of the same micro-batch under no_grad; intermediate stages send both
+activations on together (DistillPair). The last stage turns both models' vocabulary-parallel logits into the loss
+without gathering the vocabulary. Pairs (preference stage) run as one batch of 2B rows: chosen rows, then rejected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megamod.losses.ce import cross_entropy_BS, masked_mean
+from megamod.losses.kd import kd_loss_BS
+from megamod.losses.preference import preference_loss, sequence_logprobs_B
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor          # int64 [B, S]
+    position_ids: torch.Tensor    # int64 [B, S]
+    labels: torch.Tensor          # int64 [B, S], -100 where not trained
+    loss_mask: torch.Tensor       # float32 [B, S]
+    images: torch.Tensor | None   # float32 [N, 3, R, R], batch-major
+    num_tokens: int               # real (unpadded) tokens, for throughput
+    num_images: int
+    padding: torch.Tensor         # bool [B, S]: True at padding (kept out of MoE routing statistics)
+    pairs: int = 0                # > 0: rows [0, pairs) chosen, [pairs, 2 pairs) rejected
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens.shape[1]
+
+
+def _padding_BS(b) -> torch.Tensor:
+    return torch.arange(b.tokens.shape[1]).unsqueeze(0) >= b.lengths.unsqueeze(1)
+
+
+def from_batch(batch, llava: bool) -> MicroBatch:
+    """A collated Batch or PairBatch -> MicroBatch (pairs concatenated, images repeated for the rejected rows)."""
+    if hasattr(batch, "chosen"):
+        c, r = batch.chosen, batch.rejected
+        cat = lambda a, b: torch.cat([a, b])  # noqa: E731
+        images = torch.cat([c.images, c.images]) if c.images.shape[0] else None
+        return MicroBatch(cat(c.tokens, r.tokens), cat(c.position_ids, r.position_ids), cat(c.labels, r.labels),
+                          cat(c.loss_mask, r.loss_mask), images if llava else None,
+                          int(c.lengths.sum() + r.lengths.sum()), 0 if images is None else images.shape[0],
+                          cat(_padding_BS(c), _padding_BS(r)), pairs=c.tokens.shape[0])
+    images = batch.images if batch.images.shape[0] else None
+    if images is not None and not llava:
+        raise ValueError(f"a language-only model got images (samples {batch.locations[:3]})")
+    return MicroBatch(batch.tokens, batch.position_ids, batch.labels, batch.loss_mask, images,
+                      int(batch.lengths.sum()), 0 if images is None else images.shape[0], _padding_BS(batch))
+
+
+def pad_to(mb: MicroBatch, length: int, pad_id: int) -> MicroBatch:
+    """Right-pad to `length` (pipeline stages exchange one activation shape per step)."""
+    extra = length - mb.seq_length
+    if extra <= 0:
+        return mb
+    B = mb.tokens.shape[0]
+
+    def pad(t, value):
+        return torch.cat([t, t.new_full((B, extra), value)], dim=1)
+
+    positions = torch.arange(length).expand(B, length).contiguous()
+    return MicroBatch(pad(mb.tokens, pad_id), positions, pad(mb.labels, -100), pad(mb.loss_mask, 0.0), mb.images,
+                      mb.num_tokens, mb.num_images, pad(mb.padding, True), mb.pairs)
+
+
+def run_model(model, mb: MicroBatch, llava: bool):
+    """Sparse models also get the padding mask, so that padding does not count in the load-balancing loss."""
+    from megatron.core import parallel_state as ps
+
+    from megamod.models.llava import split_sequence_BS
+
+    padding_BS = None
+    if getattr(model, "config", None) is not None and model.config.num_moe_experts is not None:
+        padding_BS = mb.padding
+        if model.config.sequence_parallel and not ps.is_pipeline_first_stage():
+            padding_BS = split_sequence_BS(padding_BS)  # megatron splits it on the first stage only
+    if llava:
+        return model(mb.tokens, mb.position_ids, mb.images, padding_mask=padding_BS)
+    return model(mb.tokens, mb.position_ids, None, padding_mask=padding_BS)
+
+
+@dataclass
+class Objective:
+    """The losses of a stage. `weights`: loss name -> weight (ce, kd, preference)."""
+
+    weights: dict
+    vocab_size: int
+    llava: bool
+    kd_mode: str = "forward"
+    temperature: float = 1.0
+    preference: str = "dpo"
+    beta: float = 0.1
+
+    def loss(self, student_BSv: torch.Tensor, teacher_BSv: torch.Tensor | None, mb: MicroBatch):
+        parts: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        if teacher_BSv is not None and teacher_BSv.shape[-1] != student_BSv.shape[-1]:
+            # Only at TP=1 (checked at start-up): the two models pad the vocabulary differently.
+            student_BSv, teacher_BSv = student_BSv[..., : self.vocab_size], teacher_BSv[..., : self.vocab_size]
+        if "ce" in self.weights:
+            rows = slice(0, mb.pairs) if mb.pairs else slice(None)  # pairs: the chosen answers only
+            parts["ce"] = masked_mean(cross_entropy_BS(student_BSv[rows], mb.labels[rows], self.vocab_size),
+                                      mb.loss_mask[rows])
+        if "kd" in self.weights:
+            parts["kd"] = masked_mean(kd_loss_BS(student_BSv, teacher_BSv, self.vocab_size, self.kd_mode,
+                                                 self.temperature), mb.loss_mask)
+        if "preference" in self.weights:
+            if not mb.pairs:
+                raise ValueError("the preference loss needs preference pairs (data kind: pairs)")
+            policy_2B = sequence_logprobs_B(student_BSv, mb.labels, mb.loss_mask, self.vocab_size)
+            with torch.no_grad():
+                reference_2B = sequence_logprobs_B(teacher_BSv, mb.labels, mb.loss_mask, self.vocab_size)
+            P = mb.pairs
+            loss_N, metrics = preference_loss(self.preference, policy_2B[:P], policy_2B[P:], reference_2B[:P],
+                                              reference_2B[P:], beta=self.beta)
+            parts["preference"] = loss_N.mean()
+        total = sum(self.weights[k] * v for k, v in parts.items())
+        report = {"loss": total.detach().clone(), **{k: v.detach().clone() for k, v in parts.items()},
+                  **{k: torch.as_tensor(v).detach().float().clone() for k, v in metrics.items()}}
+        return total, report
+
+    def forward_step(self, student, teacher=None, pair=None):
+        """A megatron forward_step_func. `student`: the model the schedule runs (DDP-wrapped); `teacher`: the
+        frozen teacher or None; `pair`: the DistillPair when pipeline stages exchange both activations."""
+        from megatron.core import parallel_state as ps
+
+        last = ps.is_pipeline_last_stage()
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            student_out = run_model(student, mb, self.llava)
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = run_model(teacher, mb, self.llava)
+            if not last and pair is not None:
+                return pair.join(student_out, teacher_out), None
+
+            def loss_func(student_BSv):
+                return self.loss(student_BSv, teacher_out, mb)
+
+            return student_out, loss_func
+
+        return forward_step

@@ -1,0 +1,312 @@
+"""The training loop every stage shares.
+
+Student: megatron DDP + megatron optimizer (AdamW, clipping, plain or distributed), cosine schedule with warm-up,
+gradient accumulation over micro-batches through `get_forward_backward_func`. Teacher (stages that have one):
+built on the same pipeline stages, frozen, run on each student micro-batch. Checkpoints at `checkpoint.every`
+steps and at the end; a run resumes from the newest complete checkpoint of its run directory; the final student
+is written to `<out>/model`, the input of the next stage.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+
+import torch
+
+from megamod import checkpoint as model_checkpoint
+from megamod import distributed
+from megamod.training import checkpoint as train_checkpoint
+from megamod.training.config import RunConfig, loss_weights
+from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
+from megamod.training.models import DistillPair, load, load_teacher, unwrap
+from megamod.training.objective import Objective, from_batch, pad_to
+from megamod.training.stages import apply_trainable, get_stage
+from megamod.training.step import build_optimizer, train_step, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+PREFERENCE_METRICS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
+# Fault injection for the resume tests: the process SIGKILLs itself right after this step's checkpoint.
+KILL_AFTER_STEP_ENV = "MEGAMOD_FAULT_KILL_AFTER_STEP"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return model_checkpoint.dtype_from_name(name)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from megatron.core import parallel_state as ps
+
+        self.cfg, self.stage = cfg, get_stage(cfg.stage)
+        p = cfg.parallel
+        distributed.initialize(distributed.ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp), seed=cfg.seed)
+        self.rank, self.dtype = torch.distributed.get_rank(), resolve_dtype(cfg.dtype)
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.last_stage = ps.is_pipeline_last_stage()
+
+        self.student = load(cfg.student, self.dtype)
+        sparse = self.student.language.num_experts is not None
+        if self.stage.sparse is not None and sparse != self.stage.sparse:
+            raise ValueError(f"stage {cfg.stage} trains a {'sparse' if self.stage.sparse else 'dense'} student; "
+                             f"{cfg.student} is {'sparse' if sparse else 'dense'}"
+                             + (" (run `megamod upcycle` first)" if self.stage.sparse else ""))
+        self.sparse = sparse
+        self.trainable = apply_trainable(self.student.model, self.stage.trainable)
+        self._check_trainable()
+        self.ddp = wrap_ddp(self.student.model, cfg.optim.distributed_optimizer)
+        self.teacher = None
+        if self.stage.teacher:
+            self.teacher = load_teacher(cfg.teacher, self.student, self.dtype,
+                                        self.student.model.config.sequence_parallel)
+        self.pair = DistillPair(self.ddp, self.teacher.model) if self.teacher and p.pp > 1 else None
+        o = cfg.optim
+        self.lr = o.lr if o.lr is not None else self.stage.lr
+        self.optimizer = build_optimizer([self.ddp], lr=self.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+                                         use_distributed_optimizer=o.distributed_optimizer,
+                                         adam_betas=(o.adam_beta1, o.adam_beta2), min_lr=o.min_lr)
+        self._build_data()
+        self.objective = Objective(loss_weights(cfg), self.student.language.vocab_size, self.student.kind == "llava",
+                                   cfg.loss.kd, cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta)
+        self._check_losses()
+        self.scheduler = self._build_scheduler()
+        self.step = 0
+        self.ckpt_root = os.path.join(cfg.out, "checkpoints")
+        if cfg.checkpoint.resume:
+            self._resume()
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def _check_trainable(self) -> None:
+        count = torch.tensor([sum(p.numel() for p in self.student.model.parameters() if p.requires_grad)])
+        torch.distributed.all_reduce(count)
+        if int(count) == 0:
+            raise ValueError(f"stage {self.cfg.stage} trains {self.stage.trainable}, which matches no parameter of "
+                             f"{self.cfg.student} ({self.student.kind} model)")
+
+    def _check_losses(self) -> None:
+        w = self.objective.weights
+        if not w:
+            raise ValueError(f"stage {self.cfg.stage}: every loss weight is zero")
+        if ("kd" in w or "preference" in w) and self.teacher is None:
+            raise ValueError(f"losses {sorted(w)} need a teacher; stage {self.cfg.stage} has none")
+        if ("preference" in w) != self.stage.pairs:
+            raise ValueError(f"stage {self.cfg.stage}: the preference loss goes with pair data and only with it")
+
+    def _build_data(self) -> None:
+        from megamod.data.collate import Collator
+        from megamod.data.datasets import FileDataset, MixedDataset
+        from megamod.data.images import ImageProcessor
+        from megamod.data.sampler import MixtureSampler, StatefulLoader
+        from megamod.data.tokenizer import load_tokenizer
+
+        cfg, d = self.cfg, self.cfg.data
+        path = d.tokenizer or os.path.join(cfg.student, "tokenizer")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer at {path}: set data.tokenizer")
+        self.tokenizer = tok = load_tokenizer(path)
+        if tok.vocab_size > self.student.language.vocab_size:
+            raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than the student's vocabulary "
+                             f"({self.student.language.vocab_size})")
+        llava = self.student.kind == "llava"
+        image_id = self.student.image_token_id if llava else -1
+        if llava and tok.token_to_id("<image>") != image_id:
+            raise ValueError(f"tokenizer {path} has <image> at id {tok.token_to_id('<image>')}, the student "
+                             f"reads images at id {image_id}")
+        vision = self.student.cfg.vision if llava else None
+        processor = ImageProcessor(size=vision.image_size, mean=vision.image_mean, std=vision.image_std) if llava \
+            else ImageProcessor()
+        num_image_tokens = vision.num_image_tokens if llava else 1
+        kind = "pairs" if self.stage.pairs else "conversations"
+        datasets = [FileDataset(s.path, tok, kind=s.kind or kind, image_folder=s.image_folder, template=s.template,
+                                image_processor=processor, max_length=d.max_length,
+                                num_image_tokens=num_image_tokens, on_bad_sample=d.on_bad_sample)
+                    for s in d.train]
+        wrong = [s.path for s, ds in zip(d.train, datasets) if ds.kind != kind]
+        if wrong:
+            raise ValueError(f"stage {cfg.stage} trains on {kind}; {wrong} are not")
+        dataset = MixedDataset(datasets)
+        self.sampler = MixtureSampler(dataset.sizes, [s.weight for s in d.train], seed=d.seed, dp_rank=self.dp_rank,
+                                      dp_size=self.dp, epoch_size=d.epoch_size,
+                                      block_size=cfg.schedule.micro_batch_size)
+        tp = self.cfg.parallel.tp
+        collator = Collator(image_id, tok.pad_id, num_image_tokens=num_image_tokens,
+                            pad_to_multiple_of=tp if self.student.model.config.sequence_parallel else 1,
+                            image_size=processor.size)
+        s = cfg.schedule
+        self.micro_batch_size = s.micro_batch_size
+        per_step = s.micro_batch_size * self.dp
+        if s.global_batch_size % per_step:
+            raise ValueError(f"schedule.global_batch_size {s.global_batch_size} is not a multiple of micro_batch_size "
+                             f"x data-parallel size = {s.micro_batch_size} x {self.dp}")
+        self.num_micro = s.global_batch_size // per_step
+        self.loader = StatefulLoader(dataset, self.sampler, collator, s.micro_batch_size, num_workers=d.num_workers)
+        self.total_steps = s.steps or max(1, int(s.epochs * self.sampler.epoch_size) // s.global_batch_size)
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.cfg.optim
+        warmup = int(round(o.warmup_fraction * self.total_steps))
+        return OptimizerParamScheduler(self.optimizer, init_lr=0.0, max_lr=self.lr, min_lr=o.min_lr,
+                                       lr_warmup_steps=warmup, lr_decay_steps=self.total_steps,
+                                       lr_decay_style="cosine", start_wd=o.weight_decay, end_wd=o.weight_decay,
+                                       wd_incr_steps=self.total_steps, wd_incr_style="constant")
+
+    def _resume(self) -> None:
+        directory = train_checkpoint.find_resume(self.ckpt_root)
+        if directory is None:
+            return
+        state = train_checkpoint.load(directory, unwrap(self.ddp), self.optimizer)
+        if state.get("stage") != self.cfg.stage:
+            raise ValueError(f"{directory} is a checkpoint of stage {state.get('stage')}, this run is {self.cfg.stage}")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", directory, self.step)
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _micro_batches(self, batches) -> list:
+        llava = self.student.kind == "llava"
+        mbs = [from_batch(next(batches), llava) for _ in range(self.num_micro)]
+        length = max(mb.seq_length for mb in mbs)
+        return [pad_to(mb, length, self.tokenizer.pad_id) for mb in mbs]
+
+    def _report_keys(self) -> list[str]:
+        keys = ["loss", *sorted(self.objective.weights)]
+        return keys + list(PREFERENCE_METRICS) if "preference" in self.objective.weights else keys
+
+    def _reduce(self, losses: list[dict], step: int) -> dict:
+        """Mean over micro-batches and data-parallel ranks of what the last stage reported; non-finite -> error."""
+        from megatron.core import parallel_state as ps
+
+        keys = self._report_keys()
+        reporter = self.last_stage and ps.get_tensor_model_parallel_rank() == 0
+        local = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        if reporter:
+            for i, k in enumerate(keys):
+                local[i] = sum(float(d[k]) for d in losses) / len(losses)
+            local[-1] = 1
+        bad = torch.tensor([0 if bool(torch.isfinite(local).all()) else 1], dtype=torch.int64)
+        bad_ranks = [torch.zeros_like(bad) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(bad_ranks, bad)
+        torch.distributed.all_reduce(local)
+        metrics = {k: float(local[i] / local[-1]) for i, k in enumerate(keys)}
+        ranks = [r for r, b in enumerate(bad_ranks) if int(b)]
+        if ranks:
+            raise FloatingPointError(f"non-finite loss at step {step} on rank(s) {ranks}: {metrics}")
+        return metrics
+
+    def _aux_loss(self) -> float | None:
+        """The MoE load-balancing loss (without its coefficient) summed over layers, mean over micro-batches."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        entry = tracker.get("load_balancing_loss")
+        if entry is None:
+            return None
+        values = entry["values"].clone().double()
+        torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+        if entry.get("reduce_group") is not None:
+            torch.distributed.all_reduce(values, group=entry["reduce_group"])
+            if not entry.get("reduce_group_has_dp", False):
+                torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
+                values /= ps.get_data_parallel_world_size()
+        if entry.get("avg_group") is not None:
+            torch.distributed.all_reduce(values, group=entry["avg_group"])
+            values /= torch.distributed.get_world_size(entry["avg_group"])
+        entry["values"].zero_()
+        return float(values.sum()) / self.num_micro
+
+    def _throughput(self, mbs: list, seconds: float) -> dict:
+        from megatron.core import parallel_state as ps
+
+        counts = torch.tensor([sum(m.num_tokens for m in mbs), sum(m.num_images for m in mbs)], dtype=torch.float64)
+        torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
+        tokens, images = int(counts[0]), int(counts[1])
+        S = mbs[0].seq_length
+        flops = step_flops(self.student, tokens, S, images, passes=3.0)
+        if self.teacher is not None:
+            flops += step_flops(self.teacher, tokens, S, images, passes=1.0)
+        world = torch.distributed.get_world_size()
+        return {"tokens_per_s": tokens / seconds, "tflops_per_rank": flops / seconds / world / 1e12,
+                "step_s": seconds, "peak_mem_gb": peak_memory_gb()}
+
+    def _forward_step(self):
+        teacher = self.teacher.model if self.teacher is not None else None
+        return self.objective.forward_step(self.ddp, teacher, self.pair)
+
+    def _train_state(self) -> dict:
+        return {"stage": self.cfg.stage, "scheduler": self.scheduler.state_dict(),
+                "sampler": self.loader.state_dict(), "config": self.cfg.to_dict()}
+
+    def save_checkpoint(self) -> str:
+        return train_checkpoint.save(self.ckpt_root, self.step, unwrap(self.ddp), self.optimizer, self._train_state(),
+                                     keep=self.cfg.checkpoint.keep)
+
+    def train(self) -> list[dict]:
+        """Runs to the last step; returns rank 0's per-step metrics."""
+        cfg = self.cfg
+        logger = StepLogger(self.rank == 0, self.total_steps, self.step, cfg.log.every,
+                            os.path.join(cfg.out, "tensorboard") if cfg.log.tensorboard else None, cfg.log.progress,
+                            title=cfg.stage)
+        if self.rank == 0:
+            log.info("stage %s: %d steps of %d samples (%d micro-batches of %d per data-parallel rank, dp=%d), "
+                     "lr %g, trainable %s", cfg.stage, self.total_steps, cfg.schedule.global_batch_size,
+                     self.num_micro, self.micro_batch_size, self.dp, self.lr, ",".join(self.stage.trainable))
+        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
+        batches = iter(self.loader)
+        self.ddp.train()
+        timer = Timer()
+        try:
+            while self.step < self.total_steps:
+                mbs = self._micro_batches(batches)
+                seq = mbs[0].seq_length
+                adjust = self.pair.adjust_tensor_shapes if self.pair is not None else None
+                result = train_step([self.ddp], self.optimizer, self._forward_step(), mbs, seq, self.micro_batch_size,
+                                    schedule_model=self.pair, adjust_tensor_shapes_fn=adjust)
+                self.scheduler.step(increment=1)
+                self.step += 1
+                metrics = self._reduce(result.losses, self.step)
+                aux = self._aux_loss() if self.sparse else None
+                if aux is not None:
+                    metrics["aux"] = aux
+                grad_norm = float(result.grad_norm) if result.grad_norm is not None else float("nan")
+                if not math.isfinite(grad_norm):
+                    raise FloatingPointError(f"non-finite gradient norm at step {self.step} (rank {self.rank})")
+                metrics.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"])
+                metrics.update(self._throughput(mbs, timer.lap()))
+                logger.log(self.step, metrics)
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or self.step == self.total_steps:
+                    self.save_checkpoint()
+                    if self.step == kill_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    timer.lap()  # checkpoint time is not step time
+        finally:
+            logger.close()
+        self.export(os.path.join(cfg.out, "model"))
+        return logger.history if self.rank == 0 else []
+
+    def export(self, directory: str) -> None:
+        """The trained student as a plain model checkpoint (the next stage's `student`), tokenizer included."""
+        if os.path.exists(os.path.join(directory, model_checkpoint.METADATA)):
+            meta = model_checkpoint.read_metadata(directory)
+            if meta.get("trained_steps") == self.step:
+                return  # a re-run of a finished stage
+        if self.rank == 0 and os.path.exists(directory):
+            shutil.rmtree(directory)
+        torch.distributed.barrier()
+        meta = {**self.student.meta, "source": {"trained": self.cfg.stage, "from": self.cfg.student,
+                                                "steps": self.step}, "trained_steps": self.step}
+        model_checkpoint.save_model([unwrap(self.ddp)], directory, meta)
+        tokenizer = self.tokenizer.path if os.path.isdir(self.tokenizer.path) else None
+        if self.rank == 0 and tokenizer:
+            shutil.copytree(tokenizer, os.path.join(directory, "tokenizer"))
+        torch.distributed.barrier()

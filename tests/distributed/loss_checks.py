@@ -1,0 +1,56 @@
+"""Worker side of tests/distributed/test_losses_tp.py: the losses on this TP rank's vocabulary shard.
+
+Job: {"kind": "losses", "layout": {"tp": N}, "inputs": full-vocabulary tensors (torch.save), "out": a folder}.
+Rank r writes out/rank{r}.pt: {name: (value, gradient w.r.t. its student-logit shard)} for every check in CHECKS.
+"""
+import os
+
+import torch
+
+# name -> what to compute; vocab 100 inside 256 columns leaves TP rank 1 of 2 with no valid column.
+CHECKS = {
+    "kd_forward": dict(loss="kd", mode="forward", temperature=1.0, vocab=251),
+    "kd_reverse": dict(loss="kd", mode="reverse", temperature=1.0, vocab=251),
+    "kd_forward_t2": dict(loss="kd", mode="forward", temperature=2.0, vocab=251),
+    "kd_forward_v100": dict(loss="kd", mode="forward", temperature=1.0, vocab=100),
+    "kd_reverse_v100": dict(loss="kd", mode="reverse", temperature=1.0, vocab=100),
+    "seq_logprobs": dict(loss="seq", vocab=251),
+    "ce": dict(loss="ce", vocab=251),
+}
+SEQ_WEIGHTS_B = [1.0, -0.5]  # the objective for sequence log-probs: both signs, so no gradient cancels by accident
+
+
+def _value_and_objective(spec, x, teacher, inp):
+    from megamod.losses.ce import cross_entropy_BS, masked_mean
+    from megamod.losses.kd import kd_loss_BS
+    from megamod.losses.preference import sequence_logprobs_B
+
+    mask_BS, labels_BS, vocab = inp["loss_mask"], inp["labels"], spec["vocab"]
+    if spec["loss"] == "kd":
+        value = masked_mean(kd_loss_BS(x, teacher, vocab, spec["mode"], spec["temperature"]), mask_BS)
+        return value, value
+    if spec["loss"] == "seq":
+        value_B = sequence_logprobs_B(x, labels_BS, mask_BS, vocab)
+        return value_B, (value_B * torch.tensor(SEQ_WEIGHTS_B)).sum()
+    value = masked_mean(cross_entropy_BS(x, labels_BS.clamp(min=0), vocab), mask_BS)
+    return value, value
+
+
+def run(job):
+    from megatron.core import parallel_state as ps
+
+    from megamod import distributed
+
+    distributed.initialize(distributed.ParallelConfig(**job["layout"]))
+    inp = torch.load(job["inputs"])
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    shard = inp["student"].shape[-1] // tp
+    cols = slice(rank * shard, (rank + 1) * shard)
+    results = {}
+    for name, spec in CHECKS.items():
+        x = inp["student"][..., cols].clone().requires_grad_()  # a fresh leaf per loss
+        value, objective = _value_and_objective(spec, x, inp["teacher"][..., cols], inp)
+        objective.backward()
+        results[name] = (value.detach(), x.grad)
+    os.makedirs(job["out"], exist_ok=True)
+    torch.save(results, os.path.join(job["out"], f"rank{rank}.pt"))
