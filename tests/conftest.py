@@ -14,3 +14,11 @@ def world1():
 
     distributed.initialize(distributed.ParallelConfig())
     yield
+
+
+@pytest.fixture(scope="session")
+def engine_setup(tmp_path_factory):
+    """Synthetic data, a trained tiny teacher, dense and sparse tiny students (tests/training_setup.py)."""
+    from tests import training_setup
+
+    return training_setup.build(str(tmp_path_factory.mktemp("engine")))

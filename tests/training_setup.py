@@ -63,6 +63,7 @@ def build(root: str) -> dict:
 
     paths = {k: os.path.join(root, k) for k in ("data", "teacher_init", "teacher_run", "student", "sparse")}
     paths["teacher"] = os.path.join(paths["teacher_run"], "model")
+    paths["root"] = root
     if os.path.exists(os.path.join(paths["sparse"], "megamod.json")):
         return paths
     distributed.initialize(distributed.ParallelConfig())

@@ -63,7 +63,11 @@ def _set_rng_state(state: dict) -> None:
 
 def _sharded(model, optimizer, is_loading: bool) -> dict:
     model_sd = model.sharded_state_dict()
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    # fully_reshardable: the distributed optimizer's state is saved in the model's canonical layout, so a run can
+    # resume at another TP/PP/DP layout (the plain optimizer ignores this).
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
 
 
 def _files(directory: str) -> dict[str, int]:

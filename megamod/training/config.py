@@ -136,6 +136,11 @@ def _build(cls, value, where: str):
         return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if cls is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if cls is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if cls in (int, float, str, bool, dict) and not isinstance(value, cls) or (cls is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {cls.__name__}, got {value!r}")
     return value

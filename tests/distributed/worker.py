@@ -3,6 +3,7 @@
 Each job writes its results to files that the pytest process compares against single-process references.
 Job kinds:
   logits: {"layout", "ckpt", "input_ids", "out", "images"?}  -> fp32 logits [S, V] (images: a saved [N,3,R,R])
+  trainer: {"recipe", "out"} -> the Trainer's per-step metrics (rank 0)
   train:  {"layout", "ckpt", "batches", "steps", "lr", "out"}  -> losses per step and micro-batch, gradients of
           step 1 as a dist checkpoint (canonical layout) under out/grads
 """
@@ -78,7 +79,18 @@ def run_losses(job):
     loss_checks.run(job)
 
 
-_JOBS = {"logits": run_logits, "train": run_train, "losses": run_losses}
+def run_trainer(job):
+    """{"recipe": dict, "out": json path}: one stage with megamod's Trainer; rank 0 writes the step history."""
+    from megamod.training.config import load_config
+    from megamod.training.trainer import Trainer
+
+    history = Trainer(load_config(base=job["recipe"])).train()
+    if torch.distributed.get_rank() == 0:
+        with open(job["out"], "w") as f:
+            json.dump(history, f)
+
+
+_JOBS = {"logits": run_logits, "train": run_train, "losses": run_losses, "trainer": run_trainer}
 
 
 def main():
