@@ -28,12 +28,15 @@ def _plain(directory: str) -> dict:
 def test_d2s_trains_only_its_set_and_leaves_the_teacher_alone(engine_setup, tmp_path):
     p = engine_setup
     trainer = _trainer(base_recipe(p["root"], "d2s", p["sparse"], str(tmp_path / "run"), teacher=p["teacher"],
-                                   schedule={"steps": 3}))
+                                   schedule={"steps": 3}, log={"tensorboard": True}))
     teacher_before = {n: t.clone() for n, t in trainer.teacher.model.named_parameters()}
     student_before = {n: t.clone() for n, t in trainer.student.model.named_parameters()}
     history = trainer.train()
     assert [h["step"] for h in history] == [1, 2, 3]
     assert all(h["kd"] > 0 and h["ce"] > 0 and h["aux"] > 0 for h in history)
+    assert all(h["tokens_per_s"] > 0 and h["tflops_per_rank"] > 0 and h["peak_mem_gb"] > 0 for h in history)
+    events = os.listdir(tmp_path / "run" / "tensorboard")
+    assert any(e.startswith("events.out.tfevents") for e in events)
 
     for n, t in trainer.teacher.model.named_parameters():
         assert torch.equal(t, teacher_before[n]), n
@@ -68,6 +71,9 @@ def test_dpo_starts_at_log_2_with_the_teacher_as_reference(engine_setup, tmp_pat
     step1 = _trainer(cfg).train()[0]
     assert step1["preference"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(step1["reward_margin"]) <= 1e-6
+    kto = base_recipe(p["root"], "preference", p["teacher"], str(tmp_path / "kto"), teacher=p["teacher"],
+                      schedule={"steps": 1}, loss={"preference": "kto_pair"})
+    assert _trainer(kto).train()[0]["preference"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0)
 
 
 def test_untrained_or_mismatched_teachers_are_refused(engine_setup, tmp_path):
@@ -78,6 +84,22 @@ def test_untrained_or_mismatched_teachers_are_refused(engine_setup, tmp_path):
         _trainer(base_recipe(p["root"], "d2s", p["student"], str(tmp_path / "b"), teacher=p["teacher"]))
     with pytest.raises(ValueError, match="needs a teacher"):
         _trainer(base_recipe(p["root"], "d2d", p["student"], str(tmp_path / "c")))
+    # A teacher with another vocabulary (another tokenizer) cannot teach this student.
+    import json
+
+    from megamod import checkpoint
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.factory import init_checkpoint
+    from tests.training_setup import TEACHER_LM, llava_config
+
+    tok = load_tokenizer(os.path.join(p["data"], "tokenizer"))
+    other = str(tmp_path / "other_teacher")
+    init_checkpoint(llava_config(tok.vocab_size + 7, tok.image_id, **TEACHER_LM), "llava", other)
+    meta = checkpoint.read_metadata(other)
+    with open(os.path.join(other, checkpoint.METADATA), "w") as f:
+        json.dump({**meta, "source": {"trained": "elsewhere"}}, f)
+    with pytest.raises(ValueError, match=f"vocabulary of {tok.vocab_size + 7} tokens, the student {tok.vocab_size}"):
+        _trainer(base_recipe(p["root"], "d2d", p["student"], str(tmp_path / "d"), teacher=other))
 
 
 def test_all_zero_teacher_weights_are_an_error():
