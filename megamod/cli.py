@@ -18,6 +18,7 @@ COMMANDS = {  # name -> (module, help)
     "make-data": ("megamod.commands.make_data", "write the embedded synthetic multimodal data set"),
     "check-data": ("megamod.commands.check_data",
                    "read a whole data file as training would and report every bad sample"),
+    "eval": ("megamod.commands.eval", "score a checkpoint on POPE-style yes/no or multiple-choice data"),
 }
 
 

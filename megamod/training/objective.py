@@ -32,6 +32,11 @@ class MicroBatch:
     def seq_length(self) -> int:
         return self.tokens.shape[1]
 
+    def to(self, device) -> "MicroBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.tokens), move(self.position_ids), move(self.labels), move(self.loss_mask),
+                          move(self.images), self.num_tokens, self.num_images, move(self.padding), self.pairs)
+
 
 def _padding_BS(b) -> torch.Tensor:
     return torch.arange(b.tokens.shape[1]).unsqueeze(0) >= b.lengths.unsqueeze(1)

@@ -175,7 +175,8 @@ class Trainer:
         llava = self.student.kind == "llava"
         mbs = [from_batch(next(batches), llava) for _ in range(self.num_micro)]
         length = max(mb.seq_length for mb in mbs)
-        return [pad_to(mb, length, self.tokenizer.pad_id) for mb in mbs]
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        return [pad_to(mb, length, self.tokenizer.pad_id).to(device) for mb in mbs]
 
     def _report_keys(self) -> list[str]:
         keys = ["loss", *sorted(self.objective.weights)]
