@@ -25,6 +25,13 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    """A dtype name, or "auto": bf16 on GPU, fp32 on CPU (training and evaluation alike)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return dtype_from_name(name)
+
+
 def read_metadata(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, METADATA)
     if not os.path.exists(path):

@@ -4,6 +4,34 @@ from __future__ import annotations
 import torch
 
 
+def forward_only(model, run, keep, seq_length: int, micro_batch_size: int):
+    """One micro-batch through megatron's pipeline schedule, in eval mode and without gradients.
+
+    `run(m)` returns the model's output for the batch; `keep(logits_BSv)` picks what the last stage holds on to
+    (before any gather, so callers choose what size they keep). Returns that on the last stage, None elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    kept: list[torch.Tensor] = []
+
+    def loss_func(logits_BSv):
+        kept.append(keep(logits_BSv).detach())
+        return logits_BSv.new_zeros(()), {}
+
+    def forward_step(data_iterator, m):
+        return run(m), loss_func
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True,
+        )
+    model.train(was_training)
+    return kept[0] if ps.is_pipeline_last_stage() else None
+
+
 def forward_logits(model, input_ids_BS: torch.Tensor, vocab_size: int,
                    images_NCHW: torch.Tensor | None = None) -> torch.Tensor | None:
     """fp32 logits [B, S, vocab_size] on the last pipeline stage (every TP rank), None on other stages.
@@ -14,7 +42,6 @@ def forward_logits(model, input_ids_BS: torch.Tensor, vocab_size: int,
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     B, S = input_ids_BS.shape
     tp = ps.get_tensor_model_parallel_world_size()
@@ -25,26 +52,9 @@ def forward_logits(model, input_ids_BS: torch.Tensor, vocab_size: int,
         input_ids_BS = torch.cat([input_ids_BS, input_ids_BS.new_zeros((B, pad))], dim=1)
     S_padded = input_ids_BS.shape[1]
     position_ids_BS = torch.arange(S_padded, device=input_ids_BS.device).unsqueeze(0).expand(B, S_padded)
-    kept: list[torch.Tensor] = []
-
-    def loss_func(logits_BSV):
-        kept.append(logits_BSV.detach())
-        return logits_BSV.new_zeros(()), {}
-
-    def forward_step(data_iterator, m):
-        if images_NCHW is not None:
-            return m(input_ids_BS, position_ids_BS, images_NCHW), loss_func
-        return m(input_ids_BS, position_ids_BS, None), loss_func
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-            seq_length=S_padded, micro_batch_size=B, forward_only=True,
-        )
-    model.train(was_training)
-    if not ps.is_pipeline_last_stage():
+    logits_BSv = forward_only(model, lambda m: m(input_ids_BS, position_ids_BS, images_NCHW),
+                              lambda logits_BSv: logits_BSv, S_padded, B)
+    if logits_BSv is None:
         return None
-    logits_BSV = tensor_parallel.gather_from_tensor_model_parallel_region(kept[0])
+    logits_BSV = tensor_parallel.gather_from_tensor_model_parallel_region(logits_BSv)
     return logits_BSV[:, :S, :vocab_size].float()

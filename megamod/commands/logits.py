@@ -15,8 +15,8 @@ import os
 import torch
 
 from megamod import checkpoint, distributed
-from megamod.models.language import LanguageModelConfig, build_language_model
-from megamod.models.llava import LlavaConfig, build_llava_model, expand_image_tokens
+from megamod.models.factory import build_model, config_from_dict
+from megamod.models.llava import LlavaConfig, expand_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,10 @@ def compute_logits(ckpt: str, input_ids: list[int], tp: int = 1, pp: int = 1, ep
     meta = checkpoint.read_metadata(ckpt)
     dtype = checkpoint.dtype_from_name(meta["dtype"])
     kind = meta.get("kind")
-    if kind == "llava":
-        cfg = LlavaConfig.from_dict(meta["model"])
-        language, image_token_id = cfg.language, cfg.image_token_id
-    elif kind == "language":
-        cfg = language = LanguageModelConfig.from_dict(meta["model"])
-        image_token_id = None
-    else:
+    if kind not in ("llava", "language"):
         raise ValueError(f"{ckpt}: kind {kind!r} is not supported by `logits`")
+    cfg = config_from_dict(kind, meta["model"])
+    language, image_token_id = (cfg.language, cfg.image_token_id) if kind == "llava" else (cfg, None)
     bad = [i for i in input_ids if not 0 <= i < language.vocab_size]
     if bad:
         raise ValueError(f"input ids {bad} are outside the vocabulary [0, {language.vocab_size})")
@@ -50,11 +46,9 @@ def compute_logits(ckpt: str, input_ids: list[int], tp: int = 1, pp: int = 1, ep
         raise ValueError(f"the input ids hold {n_placeholders} <image> ids (id {image_token_id}) for "
                          f"{n_images} images: give one image per <image>")
     distributed.initialize(distributed.ParallelConfig(tp=tp, pp=pp, ep=ep))
+    model = build_model(cfg, kind, params_dtype=dtype)
     if kind == "llava":
-        model = build_llava_model(cfg, params_dtype=dtype, init_weights=False)
         input_ids = expand_image_tokens(input_ids, image_token_id, cfg.vision.num_image_tokens)
-    else:
-        model = build_language_model(cfg, params_dtype=dtype, init_weights=False)
     checkpoint.load_model(model, ckpt)
     images = images_NCHW if kind == "llava" and n_images else None
     logits_BSV = forward_logits(model, torch.tensor([input_ids]), language.vocab_size, images)

@@ -11,8 +11,7 @@ import dataclasses
 import logging
 
 from megamod import checkpoint, distributed
-from megamod.models.language import LanguageModelConfig, build_language_model
-from megamod.models.llava import LlavaConfig, build_llava_model
+from megamod.models.factory import build_model, config_from_dict
 from megamod.models.upcycle import moe_layer_pattern, sparse_config, upcycle_into
 
 log = logging.getLogger(__name__)
@@ -38,24 +37,20 @@ def upcycle(ckpt: str, out: str, num_experts: int, topk: int, moe_layers: str = 
             capacity_factor: float | None = None) -> dict:
     meta = checkpoint.read_metadata(ckpt)
     kind, dtype = meta.get("kind"), checkpoint.dtype_from_name(meta["dtype"])
-    if kind == "llava":
-        dense_cfg = LlavaConfig.from_dict(meta["model"])
-        language = dense_cfg.language
-    elif kind == "language":
-        dense_cfg = language = LanguageModelConfig.from_dict(meta["model"])
-    else:
+    if kind not in ("llava", "language"):
         raise ValueError(f"{ckpt}: kind {kind!r} cannot be upcycled")
+    dense_cfg = config_from_dict(kind, meta["model"])
+    language = dense_cfg.language if kind == "llava" else dense_cfg
     sparse_language = dataclasses.replace(
         sparse_config(language, num_experts, topk, moe_layer_pattern(moe_layers, language.num_layers), aux_loss_coeff),
         moe_capacity_factor=capacity_factor)
     sparse_cfg = dataclasses.replace(dense_cfg, language=sparse_language) if kind == "llava" else sparse_language
-    build = build_llava_model if kind == "llava" else build_language_model
     # The dense model is loaded at the same TP/PP without expert parallelism, so each rank holds the FFN shards
     # its experts need; EP only changes which experts a rank holds.
     distributed.initialize(distributed.ParallelConfig(tp=tp, pp=pp, ep=ep))
-    dense_model = build(dense_cfg, params_dtype=dtype, init_weights=False)
+    dense_model = build_model(dense_cfg, kind, params_dtype=dtype)
     checkpoint.load_model(dense_model, ckpt)
-    sparse_model = build(sparse_cfg, params_dtype=dtype, init_weights=False)
+    sparse_model = build_model(sparse_cfg, kind, params_dtype=dtype)
     counts = upcycle_into(dense_model, sparse_model, seed)
     del dense_model
     checkpoint.save_model(sparse_model, out, {**meta, "model": sparse_cfg.to_dict(),

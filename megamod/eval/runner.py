@@ -16,38 +16,21 @@ def last_logits(model, tokens_BS: torch.Tensor, last_B: torch.Tensor, vocab_size
 
     Like inference.forward_logits, but the positions are picked before the vocabulary shards are gathered, so a
     batch never holds [B, S, V] full-vocabulary logits."""
-    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megamod.inference import forward_only
+    from megamod.models.moe import routing_padding_mask
 
     B, S = tokens_BS.shape
     position_ids_BS = torch.arange(S, device=tokens_BS.device).unsqueeze(0).expand(B, S)
-    if model.config.num_moe_experts is None:
-        padding_BS = None  # only MoE routing statistics use it
-    elif padding_BS is not None and model.config.sequence_parallel and not ps.is_pipeline_first_stage():
-        from megamod.models.llava import split_sequence_BS
-
-        padding_BS = split_sequence_BS(padding_BS)  # as in training: megatron splits it on the first stage only
-    kept: list[torch.Tensor] = []
-
-    def loss_func(logits_BSv):
-        kept.append(logits_BSv[torch.arange(B, device=logits_BSv.device), last_B.to(logits_BSv.device)].detach())
-        return logits_BSv.new_zeros(()), {}
-
-    def forward_step(data_iterator, m):
-        return m(tokens_BS, position_ids_BS, images_NCHW, padding_mask=padding_BS), loss_func
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-            seq_length=S, micro_batch_size=B, forward_only=True,
-        )
-    model.train(was_training)
-    if not ps.is_pipeline_last_stage():
+    padding_BS = None if padding_BS is None else routing_padding_mask(model.config, padding_BS)
+    rows_B = torch.arange(B)
+    logits_Bv = forward_only(
+        model, lambda m: m(tokens_BS, position_ids_BS, images_NCHW, padding_mask=padding_BS),
+        lambda logits_BSv: logits_BSv[rows_B.to(logits_BSv.device), last_B.to(logits_BSv.device)], S, B)
+    if logits_Bv is None:
         return None
-    logits_BV = tensor_parallel.gather_from_tensor_model_parallel_region(kept[0])
+    logits_BV = tensor_parallel.gather_from_tensor_model_parallel_region(logits_Bv)
     return logits_BV[:, :vocab_size].float()
 
 

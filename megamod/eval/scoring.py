@@ -169,14 +169,6 @@ def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int
     return _metrics(task, items, scores, circular)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    from megamod import checkpoint
-
-    if name == "auto":  # as training: bf16 on GPU, fp32 on CPU
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return checkpoint.dtype_from_name(name)
-
-
 def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None, batch_size: int = 8,
              limit: int | None = None, circular: bool = False, tp: int = 1, pp: int = 1, ep: int = 1,
              template: str = "llava_mod", instruction: str | None = None, tokenizer: str | None = None,
@@ -184,7 +176,7 @@ def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None
     """Initialise the world (tp, pp, ep), load `ckpt` and score it on `data`; every rank returns the same dict:
     task, count and the task's metrics (pope: accuracy, precision, recall, f1, yes_ratio; mcq: accuracy,
     categories and, with `circular`, circular_accuracy), plus per-item predictions."""
-    from megamod import distributed
+    from megamod import checkpoint, distributed
     from megamod.data.tokenizer import load_tokenizer
     from megamod.training.models import load
 
@@ -199,7 +191,7 @@ def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None
         raise FileNotFoundError(f"no tokenizer at {tok_path}: pass tokenizer=")
     tok = load_tokenizer(tok_path)
     distributed.initialize(distributed.ParallelConfig(tp=tp, pp=pp, ep=ep))
-    loaded = load(ckpt, resolve_dtype(dtype))
+    loaded = load(ckpt, checkpoint.resolve_dtype(dtype))
     result = evaluate_model(loaded, tok, task, items, batch_size=batch_size, circular=circular, template=template,
                             instruction=instruction, progress=progress)
     return {**result, "ckpt": ckpt, "data": data}

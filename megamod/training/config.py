@@ -1,7 +1,8 @@
 """A training run as nested dataclasses, read from a YAML recipe plus `key.sub=value` overrides.
 
 Every key is checked when the file is read: an unknown or mistyped key is an error naming the file and the key
-path, never ignored. Defaults that depend on the stage (learning rate, data kind) are filled in by `resolve`.
+path, never ignored. Defaults that depend on the stage (learning rate, data kind, loss weights) stay None/empty
+here and are taken from the stage table by the trainer.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ without gathering the vocabulary. Pairs (preference stage) run as one batch of 2
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,9 @@ class MicroBatch:
 
     def to(self, device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(move(self.tokens), move(self.position_ids), move(self.labels), move(self.loss_mask),
-                          move(self.images), self.num_tokens, self.num_images, move(self.padding), self.pairs)
+        return dataclasses.replace(self, tokens=move(self.tokens), position_ids=move(self.position_ids),
+                                   labels=move(self.labels), loss_mask=move(self.loss_mask),
+                                   images=move(self.images), padding=move(self.padding))
 
 
 def _padding_BS(b) -> torch.Tensor:
@@ -70,21 +72,15 @@ def pad_to(mb: MicroBatch, length: int, pad_id: int) -> MicroBatch:
         return torch.cat([t, t.new_full((B, extra), value)], dim=1)
 
     positions = torch.arange(length).expand(B, length).contiguous()
-    return MicroBatch(pad(mb.tokens, pad_id), positions, pad(mb.labels, -100), pad(mb.loss_mask, 0.0), mb.images,
-                      mb.num_tokens, mb.num_images, pad(mb.padding, True), mb.pairs)
+    return dataclasses.replace(mb, tokens=pad(mb.tokens, pad_id), position_ids=positions, labels=pad(mb.labels, -100),
+                               loss_mask=pad(mb.loss_mask, 0.0), padding=pad(mb.padding, True))
 
 
 def run_model(model, mb: MicroBatch, llava: bool):
     """Sparse models also get the padding mask, so that padding does not count in the load-balancing loss."""
-    from megatron.core import parallel_state as ps
+    from megamod.models.moe import routing_padding_mask
 
-    from megamod.models.llava import split_sequence_BS
-
-    padding_BS = None
-    if getattr(model, "config", None) is not None and model.config.num_moe_experts is not None:
-        padding_BS = mb.padding
-        if model.config.sequence_parallel and not ps.is_pipeline_first_stage():
-            padding_BS = split_sequence_BS(padding_BS)  # megatron splits it on the first stage only
+    padding_BS = routing_padding_mask(model.config, mb.padding)
     if llava:
         return model(mb.tokens, mb.position_ids, mb.images, padding_mask=padding_BS)
     return model(mb.tokens, mb.position_ids, None, padding_mask=padding_BS)

@@ -33,12 +33,6 @@ PREFERENCE_METRICS = ("reward_chosen", "reward_rejected", "reward_margin", "rewa
 KILL_AFTER_STEP_ENV = "MEGAMOD_FAULT_KILL_AFTER_STEP"
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return model_checkpoint.dtype_from_name(name)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
@@ -46,7 +40,7 @@ class Trainer:
         self.cfg, self.stage = cfg, get_stage(cfg.stage)
         p = cfg.parallel
         distributed.initialize(distributed.ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp), seed=cfg.seed)
-        self.rank, self.dtype = torch.distributed.get_rank(), resolve_dtype(cfg.dtype)
+        self.rank, self.dtype = torch.distributed.get_rank(), model_checkpoint.resolve_dtype(cfg.dtype)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.last_stage = ps.is_pipeline_last_stage()
 
@@ -204,7 +198,10 @@ class Trainer:
         return metrics
 
     def _aux_loss(self) -> float | None:
-        """The MoE load-balancing loss (without its coefficient) summed over layers, mean over micro-batches."""
+        """The MoE load-balancing loss (without its coefficient) summed over layers, mean over micro-batches.
+
+        megatron's reduce_aux_losses_tracker_across_ranks does the same reduction with ReduceOp.AVG, which gloo
+        lacks: here AVG is a SUM divided by the group size."""
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
