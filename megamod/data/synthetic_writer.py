@@ -51,18 +51,29 @@ def _conversation(sample_id: str, image: str | None, turns: list[tuple[str, str]
     return {"id": sample_id, **({"image": image} if image else {}), "conversations": values}
 
 
-def _train_items(scene: syn.Scene, rng: random.Random, i: int):
+QUESTION_KINDS = tuple(q.__name__[2:] for q in syn.QUESTIONS) + ("mcq",)  # color, count, position, exist, describe
+
+
+def _turn(scene: syn.Scene, rng: random.Random, mix: dict | None) -> tuple[str, str]:
+    """One question and its answer; `mix` weights the kinds (QUESTION_KINDS), default 20 % A/B/C/D questions and
+    the rest uniform (drawn so that the default writes the same bytes as before `mix` existed)."""
+    if mix is None:
+        kind = "mcq" if rng.random() < 0.2 else rng.choice(syn.QUESTIONS).__name__[2:]
+    else:
+        kind = rng.choices(QUESTION_KINDS, weights=[mix.get(k, 0.0) for k in QUESTION_KINDS])[0]
+    if kind == "mcq":
+        item = syn.mcq(scene, rng)
+        return syn.mcq_prompt(item), item["answer"]
+    return getattr(syn, f"q_{kind}")(scene, rng)
+
+
+def _train_items(scene: syn.Scene, rng: random.Random, i: int, mix: dict | None = None,
+                 turns: tuple[int, int] = (1, 3)):
     caption_q = _with_image(rng.choice(CAPTION_PROMPTS), rng)
     caption = _conversation(f"cap-{i:06d}", scene.image, [(caption_q, syn.describe(scene.objects))])
-    turns = []
-    for _ in range(rng.randint(1, 3)):
-        if rng.random() < 0.2:
-            item = syn.mcq(scene, rng)
-            turns.append((syn.mcq_prompt(item), item["answer"]))
-        else:
-            turns.append(rng.choice(syn.QUESTIONS)(scene, rng))
-    turns[0] = (_with_image(turns[0][0], rng), turns[0][1])
-    conversation = _conversation(f"conv-{i:06d}", scene.image, turns)
+    qa = [_turn(scene, rng, mix) for _ in range(rng.randint(*turns))]
+    qa[0] = (_with_image(qa[0][0], rng), qa[0][1])
+    conversation = _conversation(f"conv-{i:06d}", scene.image, qa)
     question, chosen, rejected = syn.preference(scene, rng)
     pair = {"id": f"pair-{i:06d}", "image": scene.image, "question": question, "chosen": chosen,
             "rejected": rejected}
@@ -129,10 +140,19 @@ def _texts(rows: list[dict]) -> list[str]:
 
 
 def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | None = None,
-                  vocab_size: int = 1024, progress: bool = True) -> dict:
-    """Writes the data set to `out`; returns the counts written (also saved as info.json)."""
+                  vocab_size: int = 1024, progress: bool = True, mix: dict | None = None,
+                  turns: tuple[int, int] = (1, 3)) -> dict:
+    """Writes the data set to `out`; returns the counts written (also saved as info.json). `mix`: relative weights
+    of the question kinds in conversations (QUESTION_KINDS; default 20 % multiple choice, the rest uniform); `turns`:
+    the least and most question-answer turns per conversation."""
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
+    if mix is not None:
+        unknown = sorted(set(mix) - set(QUESTION_KINDS))
+        if unknown or not any(v > 0 for v in mix.values()) or any(v < 0 for v in mix.values()):
+            raise ValueError(f"mix {mix}: weights must be >= 0, not all zero, for kinds among {QUESTION_KINDS}")
+    if not 1 <= turns[0] <= turns[1]:
+        raise ValueError(f"turns {turns}: expected 1 <= least <= most")
     eval_size = max(10, size // 10) if eval_size is None else eval_size
     for d in ("images/train", "images/eval", "eval", "tokenizer"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
@@ -146,7 +166,7 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
         syn.render(scene).save(os.path.join(out, scene.image), format="PNG")
         scenes.append({"split": split, **scene.to_json()})
         if split == "train":
-            caption, conversation, pair = _train_items(scene, rng, i)
+            caption, conversation, pair = _train_items(scene, rng, i, mix, tuple(turns))
             captions.append(caption)
             conversations.append(conversation)
             pairs.append(pair)
@@ -178,7 +198,8 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
     texts = templates * 10 + _texts(captions + conversations + pairs + pope["random"] + mmbench)
     train_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size)
 
-    info = {"seed": seed, "size": size, "eval_size": eval_size, "image_size": syn.IMAGE_SIZE,
+    info = {"seed": seed, "size": size, "eval_size": eval_size, "image_size": syn.IMAGE_SIZE, "mix": mix,
+            "turns": list(turns),
             "counts": {"images": len(scenes), "captions.json": len(captions),
                        "conversations.json": len(conversations), "pairs.jsonl": len(pairs),
                        "eval/pope_random.jsonl": len(pope["random"]),

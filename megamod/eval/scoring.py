@@ -121,7 +121,7 @@ def _queries(task: str, items: list, circular: bool, instruction: str | None):
     return out
 
 
-def _metrics(task: str, items: list, scores: dict, circular: bool) -> dict:
+def metrics(task: str, items: list, scores: dict, circular: bool) -> dict:
     """`scores`: (item position, round) -> score per class; the first of equal scores wins."""
     chosen = {key: max(range(len(s)), key=s.__getitem__) for key, s in scores.items()}
     if task == "pope":
@@ -145,18 +145,12 @@ def _metrics(task: str, items: list, scores: dict, circular: bool) -> dict:
     return result
 
 
-def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int = 8, circular: bool = False,
-                   template: str = "llava_mod", instruction: str | None = None, progress: bool = False) -> dict:
-    """Metrics of a loaded LLaVA model (training.models.LoadedModel) on every rank of the initialised world."""
-    from megamod.eval.runner import choose
-
+def build_rows(tokenizer, task: str, items: list, *, circular: bool = False, template: str = "llava_mod",
+               instruction: str | None = None) -> list:
+    """One forward row per (item, round): (key, prompt ids ending where the choice is read, item or None when it
+    has no image, candidate token ids per class). The <image> placeholder is not expanded."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    if loaded.kind != "llava":
-        raise ValueError(f"evaluation needs a LLaVA checkpoint (images), this one is a {loaded.kind} model")
-    if tokenizer.token_to_id(IMAGE_TOKEN) != loaded.image_token_id:
-        raise ValueError(f"tokenizer {tokenizer.path} has <image> at id {tokenizer.token_to_id(IMAGE_TOKEN)}, the "
-                         f"model reads images at id {loaded.image_token_id}")
     tmpl, cache = get_template(template), {}
     rows = []
     for pos, r, question, item, classes in _queries(task, items, circular, instruction):
@@ -165,8 +159,22 @@ def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int
         prefix, ids = cache[classes]
         prompt = encode_prompt(tmpl, tokenizer, [], question).tolist() + prefix
         rows.append(((pos, r), prompt, item if item.image is not None else None, ids))
+    return rows
+
+
+def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int = 8, circular: bool = False,
+                   template: str = "llava_mod", instruction: str | None = None, progress: bool = False) -> dict:
+    """Metrics of a loaded LLaVA model (training.models.LoadedModel) on every rank of the initialised world."""
+    from megamod.eval.runner import choose
+
+    if loaded.kind != "llava":
+        raise ValueError(f"evaluation needs a LLaVA checkpoint (images), this one is a {loaded.kind} model")
+    if tokenizer.token_to_id(IMAGE_TOKEN) != loaded.image_token_id:
+        raise ValueError(f"tokenizer {tokenizer.path} has <image> at id {tokenizer.token_to_id(IMAGE_TOKEN)}, the "
+                         f"model reads images at id {loaded.image_token_id}")
+    rows = build_rows(tokenizer, task, items, circular=circular, template=template, instruction=instruction)
     scores = choose(loaded, tokenizer, rows, batch_size=batch_size, progress=progress)
-    return _metrics(task, items, scores, circular)
+    return metrics(task, items, scores, circular)
 
 
 def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None, batch_size: int = 8,

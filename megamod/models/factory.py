@@ -35,12 +35,21 @@ def build_model(cfg, kind: str, params_dtype: torch.dtype = torch.float32, seque
 
 
 def init_checkpoint(cfg, kind: str, out_dir: str, seed: int = 1234, tokenizer_dir: str | None = None,
-                    params_dtype: torch.dtype = torch.float32) -> None:
-    """Every rank of an initialised world calls this; the same seed gives the same weights at any layout."""
+                    params_dtype: torch.dtype = torch.float32, vision_state: dict | None = None,
+                    vision_source: str | None = None) -> None:
+    """Every rank of an initialised world calls this; the same seed gives the same weights at any layout.
+    `vision_state` (a CLIPVisionTower state dict, one process) replaces the fresh vision tower of a LLaVA model:
+    a student starts with its teacher's CLIP, as in LLaVA-MoD; `vision_source` says where it came from."""
     torch.manual_seed(seed)
     model = build_model(cfg, kind, params_dtype, init_weights=True)
+    source = {"init": seed}
+    if vision_state is not None:
+        if kind != "llava":
+            raise ValueError("vision_state is for LLaVA models; this one is a language model")
+        model.vision_model.load_state_dict(vision_state, strict=True)
+        source["vision"] = vision_source or "given"
     checkpoint.save_model(model, out_dir, {"format": "megamod", "kind": kind, "model": cfg.to_dict(),
-                                           "dtype": checkpoint.dtype_name(params_dtype), "source": {"init": seed}})
+                                           "dtype": checkpoint.dtype_name(params_dtype), "source": source})
     if tokenizer_dir and torch.distributed.get_rank() == 0:
         shutil.copytree(tokenizer_dir, os.path.join(out_dir, "tokenizer"))
     torch.distributed.barrier()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from megamod.training.stages import get_stage
+from megamod.training.stages import GROUPS, get_stage
 
 
 @dataclass
@@ -92,6 +92,7 @@ class RunConfig:
     student: str  # megamod checkpoint directory
     out: str  # run directory: checkpoints/, tensorboard/, model/ (the final student, input of the next stage)
     teacher: str | None = None
+    trainable: list[str] | None = None  # parameter groups to train; default: the stage's (stages.GROUPS)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -179,6 +180,10 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     stage = get_stage(cfg.stage)
     if stage.teacher and not cfg.teacher:
         raise ConfigError(f"{where}: stage {cfg.stage} needs a teacher checkpoint (teacher: DIR)")
+    if cfg.trainable is not None:
+        unknown = sorted(set(cfg.trainable) - set(GROUPS))
+        if unknown or not cfg.trainable:
+            raise ConfigError(f"{where}: trainable {cfg.trainable} must name groups among {list(GROUPS)}")
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train lists no data files")
     s = cfg.schedule

@@ -7,6 +7,7 @@ step counts the student's forward and backward (3x) and the teacher's forward (1
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -58,14 +59,19 @@ def peak_memory_gb() -> float:
 
 
 class StepLogger:
-    """Rank 0 only (the others get enabled=False and do nothing)."""
+    """Rank 0 only (the others get enabled=False and do nothing). Every step's metrics also go, one JSON object per
+    line, to `jsonl_path` (appended: a resumed run repeats the steps after its checkpoint; readers keep the last)."""
 
     def __init__(self, enabled: bool, total_steps: int, start_step: int, log_every: int = 1,
-                 tensorboard_dir: str | None = None, progress: bool = True, title: str = "train"):
+                 tensorboard_dir: str | None = None, progress: bool = True, title: str = "train",
+                 jsonl_path: str | None = None):
         self.enabled, self.log_every, self.total = enabled, max(1, log_every), total_steps
-        self.writer = self.bar = None
+        self.writer = self.bar = self.jsonl = None
         if not enabled:
             return
+        if jsonl_path:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            self.jsonl = open(jsonl_path, "a")
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -81,6 +87,9 @@ class StepLogger:
         if not self.enabled:
             return
         self.history.append({"step": step, **metrics})
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
         if self.writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -93,6 +102,8 @@ class StepLogger:
             (self.bar.write if self.bar is not None else print)(f"step {step}/{self.total} | {line}")
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -51,7 +51,8 @@ class Trainer:
                              f"{cfg.student} is {'sparse' if sparse else 'dense'}"
                              + (" (run `megamod upcycle` first)" if self.stage.sparse else ""))
         self.sparse = sparse
-        self.trainable = apply_trainable(self.student.model, self.stage.trainable)
+        self.groups = tuple(cfg.trainable) if cfg.trainable is not None else self.stage.trainable
+        self.trainable = apply_trainable(self.student.model, self.groups)
         self._check_trainable()
         self.ddp = wrap_ddp(self.student.model, cfg.optim.distributed_optimizer)
         self.teacher = None
@@ -79,7 +80,7 @@ class Trainer:
         count = torch.tensor([sum(p.numel() for p in self.student.model.parameters() if p.requires_grad)])
         torch.distributed.all_reduce(count)
         if int(count) == 0:
-            raise ValueError(f"stage {self.cfg.stage} trains {self.stage.trainable}, which matches no parameter of "
+            raise ValueError(f"stage {self.cfg.stage} trains {self.groups}, which matches no parameter of "
                              f"{self.cfg.student} ({self.student.kind} model)")
 
     def _check_losses(self) -> None:
@@ -253,11 +254,11 @@ class Trainer:
         cfg = self.cfg
         logger = StepLogger(self.rank == 0, self.total_steps, self.step, cfg.log.every,
                             os.path.join(cfg.out, "tensorboard") if cfg.log.tensorboard else None, cfg.log.progress,
-                            title=cfg.stage)
+                            title=cfg.stage, jsonl_path=os.path.join(cfg.out, "metrics.jsonl"))
         if self.rank == 0:
             log.info("stage %s: %d steps of %d samples (%d micro-batches of %d per data-parallel rank, dp=%d), "
                      "lr %g, trainable %s", cfg.stage, self.total_steps, cfg.schedule.global_batch_size,
-                     self.num_micro, self.micro_batch_size, self.dp, self.lr, ",".join(self.stage.trainable))
+                     self.num_micro, self.micro_batch_size, self.dp, self.lr, ",".join(self.groups))
         kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
         batches = iter(self.loader)
         self.ddp.train()

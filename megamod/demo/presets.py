@@ -1,0 +1,83 @@
+"""Sizes of the demo: `full` (the README's main command, minutes on 2 CPU cores) and `tiny` (the test suite's run).
+
+Both follow LLaVA-MoD's shapes at a small scale: teacher and student share one vision tower (the paper's CLIP), the
+student's language model is smaller than the teacher's and is upcycled to `experts` experts, top-`topk`, on every
+other layer. Per training stage: steps, global batch, micro-batch, learning rate, and the parallel layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StageRun:
+    steps: int
+    global_batch: int
+    micro_batch: int
+    lr: float
+    tp: int = 1
+    ep: int = 1
+    ranks: int = 1
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    train_images: int
+    eval_images: int
+    # Conversation question kinds, weighted towards what the held-out splits ask (existence, A/B/C/D).
+    mix: dict
+    turns: tuple  # least, most question-answer turns per conversation
+    vision: dict
+    vision_steps: int
+    vision_lr: float
+    teacher: dict
+    student: dict
+    experts: int
+    topk: int
+    stages: dict = field(default_factory=dict)  # stage name -> StageRun
+    eval_limit: int | None = None  # items per eval file (None: all)
+
+
+# The tower sees the 3 x 3 scene grid as 3 x 3 patches of 16 px (48 px input): one image token per grid cell.
+VISION = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4, image_size=48,
+              patch_size=16)
+MIX = {"color": 1, "count": 0.5, "position": 1, "exist": 4, "describe": 0.3, "mcq": 2}
+TURNS = (3, 6)  # several questions per image: the image and the system prompt are paid once
+
+FULL = Preset(
+    name="full", train_images=4000, eval_images=100, mix=MIX, turns=TURNS, vision=VISION, vision_steps=1000,
+    vision_lr=1e-2,
+    teacher=dict(hidden_size=128, num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=352,
+                 max_position_embeddings=512),
+    student=dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
+                 max_position_embeddings=512),
+    experts=4, topk=2,
+    stages={
+        "teacher_align": StageRun(100, 32, 16, 1e-3),
+        "teacher_sft": StageRun(800, 32, 16, 2e-3),
+        "student_align": StageRun(100, 32, 16, 1e-3),
+        "d2d": StageRun(400, 32, 8, 2e-3, tp=2, ranks=2),
+        "d2s": StageRun(300, 32, 8, 1e-3, ep=2, ranks=2),
+        "preference": StageRun(100, 32, 8, 5e-5, ep=2, ranks=2),
+    })
+
+TINY = Preset(
+    name="tiny", train_images=48, eval_images=10, mix=MIX, turns=TURNS, vision=VISION, vision_steps=20,
+    vision_lr=1e-2,
+    teacher=dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                 max_position_embeddings=512),
+    student=dict(hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                 max_position_embeddings=512),
+    experts=4, topk=2,
+    stages={
+        "teacher_align": StageRun(2, 4, 2, 1e-3),
+        "teacher_sft": StageRun(3, 4, 2, 1e-3),
+        "student_align": StageRun(2, 4, 2, 1e-3),
+        "d2d": StageRun(2, 4, 2, 1e-3, tp=2, ranks=2),
+        "d2s": StageRun(2, 4, 2, 1e-3, ep=2, ranks=2),
+        "preference": StageRun(2, 4, 2, 1e-4, ep=2, ranks=2),
+    },
+    eval_limit=12)
+
+PRESETS = {p.name: p for p in (FULL, TINY)}
