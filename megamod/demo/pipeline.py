@@ -216,6 +216,7 @@ class Demo:
     def stage_report(self) -> dict:
         from megamod.demo.report import write_report
 
+        self._world()  # parameter counts build the models
         path = write_report(self)
         print(f"report: {path}")
         return {}

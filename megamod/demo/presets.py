@@ -48,18 +48,18 @@ TURNS = (3, 6)  # several questions per image: the image and the system prompt a
 FULL = Preset(
     name="full", train_images=4000, eval_images=100, mix=MIX, turns=TURNS, vision=VISION, vision_steps=1000,
     vision_lr=1e-2,
-    teacher=dict(hidden_size=128, num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=352,
+    teacher=dict(hidden_size=128, num_layers=4, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=352,
                  max_position_embeddings=512),
-    student=dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
+    student=dict(hidden_size=96, num_layers=4, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=256,
                  max_position_embeddings=512),
     experts=4, topk=2,
     stages={
-        "teacher_align": StageRun(100, 32, 16, 1e-3),
-        "teacher_sft": StageRun(800, 32, 16, 2e-3),
-        "student_align": StageRun(100, 32, 16, 1e-3),
-        "d2d": StageRun(400, 32, 8, 2e-3, tp=2, ranks=2),
-        "d2s": StageRun(300, 32, 8, 1e-3, ep=2, ranks=2),
-        "preference": StageRun(100, 32, 8, 5e-5, ep=2, ranks=2),
+        "teacher_align": StageRun(50, 32, 16, 1e-3),
+        "teacher_sft": StageRun(500, 32, 16, 2e-3),
+        "student_align": StageRun(50, 32, 16, 1e-3),
+        "d2d": StageRun(300, 32, 8, 2e-3, tp=2, ranks=2),
+        "d2s": StageRun(150, 32, 8, 1e-3, ep=2, ranks=2),
+        "preference": StageRun(60, 32, 8, 2e-4, ep=2, ranks=2),
     })
 
 TINY = Preset(

@@ -78,7 +78,10 @@ def _checks(scores: dict, export: dict | None) -> list[tuple[bool, str]]:
                             f"{_pct(gap)} points)"))
     for split in ("pope_random", "pope_adversarial"):
         a, b = d2s[split]["hallucination"], pref[split]["hallucination"]
-        out.append((b < a, f"preference distillation lowers hallucination on {split}: {_pct(a)} % -> {_pct(b)} %"))
+        acc_a, acc_b = d2s[split]["accuracy"], pref[split]["accuracy"]
+        out.append((b < a and acc_b >= acc_a, f"preference distillation lowers hallucination on {split} without "
+                                              f"losing accuracy: {_pct(a)} % -> {_pct(b)} %, accuracy "
+                                              f"{_pct(acc_a)} % -> {_pct(acc_b)} %"))
         th = t[split]["hallucination"]
         out.append((b < th, f"final student hallucinates less than its teacher on {split}: {_pct(b)} % vs "
                             f"{_pct(th)} %"))

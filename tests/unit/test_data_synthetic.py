@@ -225,3 +225,20 @@ def test_tokenizer_loads_in_transformers_and_covers_the_text(loaded):
     assert len(ids) < 30  # words are single tokens
     assert {ours.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|pad|>")} \
         == {0, 1, 2, 3, 4}
+
+
+def test_question_mix_and_turns(tmp_path):
+    write_dataset(str(tmp_path / "d"), size=30, eval_size=10, seed=3, progress=False, mix={"exist": 1.0},
+                  turns=(4, 4))
+    conversations = json.loads((tmp_path / "d" / "conversations.json").read_text())
+    with_image = [c for c in conversations if "image" in c]
+    assert len(with_image) == 30
+    for c in with_image:
+        questions = [t["value"].replace("<image>", "").strip() for t in c["conversations"][::2]]
+        assert len(questions) == 4 and all(re.fullmatch(r"Is there an? \w+ \w+ in the image\?", q) for q in questions)
+    info = json.loads((tmp_path / "d" / "info.json").read_text())
+    assert info["mix"] == {"exist": 1.0} and info["turns"] == [4, 4]
+    with pytest.raises(ValueError, match="kinds among"):
+        write_dataset(str(tmp_path / "e"), size=2, progress=False, mix={"exists": 1.0})
+    with pytest.raises(ValueError, match="turns"):
+        write_dataset(str(tmp_path / "e"), size=2, progress=False, turns=(3, 2))

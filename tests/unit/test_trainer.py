@@ -201,3 +201,15 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(engine_set
     again = _plain(str(tmp_path / "straight" / "model"))
     for k in straight:
         assert torch.equal(straight[k], again[k]), k
+
+
+def test_recipe_overrides_the_trainable_groups(engine_setup, tmp_path):
+    from megamod.training.config import ConfigError, load_config
+
+    p = engine_setup
+    trainer = _trainer(base_recipe(p["root"], "sft", p["student"], str(tmp_path / "run"),
+                                   trainable=["vision", "projector"]))
+    assert trainer.trainable and all(n.startswith(("vision_model.", "vision_projection.")) for n in trainer.trainable)
+    assert any(n.startswith("vision_model.") for n in trainer.trainable)
+    with pytest.raises(ConfigError, match="trainable"):
+        load_config(base=base_recipe(p["root"], "sft", p["student"], str(tmp_path / "x"), trainable=["visual"]))
