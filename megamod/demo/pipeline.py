@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 
 import yaml
 
@@ -165,7 +164,6 @@ class Demo:
     def stage_upcycle(self) -> dict:
         from megamod.commands.upcycle import upcycle
 
-        self._world()
         out = self.path("upcycle", "model")
         if os.path.exists(out):
             shutil.rmtree(out)
@@ -306,6 +304,3 @@ def _fmt(m: dict) -> str:
 for _name in TRAINING:  # one stage_<name> method per training stage
     setattr(Demo, f"stage_{_name}", lambda self, _n=_name: self._train(_n))
 
-
-def preset_dict(preset: Preset) -> dict:
-    return asdict(preset)
