@@ -79,9 +79,4 @@ def build(root: str) -> dict:
     sft = base_recipe(root, "sft", paths["teacher_init"], paths["teacher_run"], schedule={"steps": 2})
     Trainer(load_config(base=sft)).train()
     upcycle(paths["student"], paths["sparse"], num_experts=4, topk=2, moe_layers="even")
-    if torch.distributed.get_rank() == 0:
-        import shutil
-
-        shutil.copytree(tok_dir, os.path.join(paths["sparse"], "tokenizer"))
-    torch.distributed.barrier()
     return paths

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+
+import torch
 
 from megamod import checkpoint, distributed
 from megamod.models.factory import build_model, config_from_dict
@@ -55,6 +59,10 @@ def upcycle(ckpt: str, out: str, num_experts: int, topk: int, moe_layers: str = 
     del dense_model
     checkpoint.save_model(sparse_model, out, {**meta, "model": sparse_cfg.to_dict(),
                                               "source": {"upcycled_from": ckpt, **meta.get("source", {})}})
+    tokenizer = os.path.join(ckpt, "tokenizer")  # the next stage reads it from the checkpoint, as from any other
+    if os.path.isdir(tokenizer) and torch.distributed.get_rank() == 0:
+        shutil.copytree(tokenizer, os.path.join(out, "tokenizer"))
+    torch.distributed.barrier()
     log.info("upcycled %s -> %s: %d experts, top-%d, MoE layers %s (%d tensors copied, %d routers)", ckpt, out,
              num_experts, topk, [i for i, m in enumerate(sparse_language.moe_layer_pattern) if m],
              counts["copied"], counts["routers"])

@@ -34,23 +34,23 @@ from megamod.demo.presets import Preset
 
 log = logging.getLogger(__name__)
 
-TRAINING = {  # demo stage -> (megamod stage, model trained, data)
-    "teacher_align": ("align", "teacher", "captions"),
-    "teacher_sft": ("sft", "teacher", "conversations"),
-    "student_align": ("align", "student", "captions"),
-    "d2d": ("d2d", "student", "conversations"),
-    "d2s": ("d2s", "student", "conversations"),
-    "preference": ("preference", "student", "pairs"),
+TRAINING = {  # demo stage -> (megamod stage, checkpoint it starts from, data)
+    "teacher_align": ("align", "init/teacher", "captions"),
+    "teacher_sft": ("sft", "teacher_align/model", "conversations"),
+    "student_align": ("align", "init/student", "captions"),
+    "d2d": ("d2d", "student_align/model", "conversations"),
+    "d2s": ("d2s", "upcycle/model", "conversations"),
+    "preference": ("preference", "d2s/model", "pairs"),
 }
+TEACHER = "teacher_sft/model"  # the distillation stages' teacher
 ORDER = ("data", "vision", "init", "teacher_align", "teacher_sft", "student_align", "d2d", "upcycle", "d2s",
          "preference", "eval", "export", "report")
 EVAL_FILES = {"pope_random": ("pope", "eval/pope_random.jsonl"),
               "pope_adversarial": ("pope", "eval/pope_adversarial.jsonl"),
               "mcq": ("mcq", "eval/mmbench.jsonl")}
-# Models scored, in the report's order: name -> (checkpoint under the run directory, stage that produced it).
-MODELS = {"teacher": ("teacher_sft/model", "teacher_sft"), "student (aligned)": ("student_align/model", "student_align"),
-          "dense student (d2d)": ("d2d/model", "d2d"), "sparse student (d2s)": ("d2s/model", "d2s"),
-          "sparse student (preference)": ("preference/model", "preference")}
+# Models scored, in the report's order: name -> checkpoint under the run directory.
+MODELS = {"teacher": TEACHER, "student (aligned)": "student_align/model", "dense student (d2d)": "d2d/model",
+          "sparse student (d2s)": "d2s/model", "sparse student (preference)": "preference/model"}
 
 
 def banner(text: str) -> None:
@@ -169,7 +169,6 @@ class Demo:
             shutil.rmtree(out)
         info = upcycle(self.path("d2d", "model"), out, num_experts=self.preset.experts, topk=self.preset.topk,
                        moe_layers="even")
-        shutil.copytree(self.path("d2d", "model", "tokenizer"), os.path.join(out, "tokenizer"))
         return {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
 
     def stage_eval(self) -> dict:
@@ -177,7 +176,7 @@ class Demo:
 
         os.makedirs(self.path("eval"), exist_ok=True)
         results = {}
-        for model, (ckpt, _) in MODELS.items():
+        for model, ckpt in MODELS.items():
             results[model] = {}
             for split, (task, rel) in EVAL_FILES.items():
                 r = evaluate(self.path(ckpt), task, os.path.join(self.data, rel), batch_size=16,
@@ -185,8 +184,7 @@ class Demo:
                 results[model][split] = summary(r)
                 _dump(self.path("eval", _slug(model), f"{split}.json"), r)
                 print(f"{model:30} {split:17} " + _fmt(results[model][split]), flush=True)
-        with open(self.path("eval", "scores.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        _dump(self.path("eval", "scores.json"), results)
         return {}
 
     def stage_export(self) -> dict:
@@ -207,8 +205,7 @@ class Demo:
                   f"max |score diff| {rows[split]['max_score_diff']:.2e}", flush=True)
             if not rows[split]["reproduced"]:
                 raise RuntimeError(f"the HF export does not reproduce the student on {split}: {rows[split]}")
-        with open(self.path("export", "scores.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        _dump(self.path("export", "scores.json"), rows)
         return {}
 
     def stage_report(self) -> dict:
@@ -221,11 +218,10 @@ class Demo:
 
     # ---- training stages: a recipe, then `megamod train` in a child process -----------------------------------
     def recipe(self, name: str) -> dict:
-        stage, who, data = TRAINING[name]
+        from megamod.training.stages import get_stage
+
+        stage, previous, data = TRAINING[name]
         run = self.preset.stages[name]
-        previous = {"teacher_align": "init/teacher", "teacher_sft": "teacher_align/model",
-                    "student_align": "init/student", "d2d": "student_align/model", "d2s": "upcycle/model",
-                    "preference": "d2s/model"}[name]
         source = {"captions": {"path": os.path.join(self.data, "captions.json"), "template": "plain"},
                   "conversations": {"path": os.path.join(self.data, "conversations.json")},
                   "pairs": {"path": os.path.join(self.data, "pairs.jsonl")}}[data]
@@ -237,8 +233,8 @@ class Demo:
                             "steps": run.steps},
                "checkpoint": {"every": max(50, run.steps // 4), "keep": 1},
                "log": {"every": max(1, run.steps // 10), "tensorboard": True, "progress": True}}
-        if TRAINING[name][1] == "student" and stage != "align":
-            cfg["teacher"] = self.path("teacher_sft", "model")
+        if get_stage(stage).teacher:
+            cfg["teacher"] = self.path(TEACHER)
         return cfg
 
     def _train(self, name: str) -> dict:

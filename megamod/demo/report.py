@@ -100,7 +100,10 @@ def write_report(demo) -> str:
     with open(demo.path("eval", "scores.json")) as f:
         scores = json.load(f)
     export_path = demo.path("export", "scores.json")
-    export = json.load(open(export_path)) if os.path.exists(export_path) else None
+    export = None
+    if os.path.exists(export_path):
+        with open(export_path) as f:
+            export = json.load(f)
     os.makedirs(demo.path("plots"), exist_ok=True)
     stages = demo.state["stages"]
     lines = [f"# LLaVA-MoD demo report ({demo.preset.name} preset)", "",
@@ -111,7 +114,7 @@ def write_report(demo) -> str:
              "## Scores", "",
              "| model | params (total / activated) | POPE rand. acc | F1 | halluc. | POPE adv. acc | F1 | halluc. | "
              "MCQ acc |", "|---|---|---|---|---|---|---|---|---|"]
-    for model, (ckpt, _) in MODELS.items():
+    for model, ckpt in MODELS.items():
         total, active = param_counts(demo.path(ckpt))
         s = scores[model]
         cells = [f"{total / 1e6:.2f}M / {active / 1e6:.2f}M"]

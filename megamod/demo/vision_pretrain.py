@@ -73,7 +73,7 @@ def pretrain_vision(tower, data_dir: str, steps: int = 300, batch_size: int = 64
     images, colors, shapes = load_scenes(data_dir, processor)
     heads = torch.nn.ModuleDict({"color": torch.nn.Linear(cfg.hidden_size, 1 + len(syn.COLORS)),
                                  "shape": torch.nn.Linear(cfg.hidden_size, 1 + len(syn.SHAPES))})
-    params = [p for p in tower.parameters()] + list(heads.parameters())
+    params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to zero

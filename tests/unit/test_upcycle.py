@@ -1,4 +1,6 @@
 """Upcycling is function-preserving and every expert is the dense FFN, bit for bit (EP=2 in tests/distributed)."""
+import os
+
 import pytest
 import torch
 
@@ -34,8 +36,12 @@ def test_layer_patterns():
 def test_upcycled_language_model_equals_dense(world1, tmp_path):
     tiny_qwen2(tmp_path / "hf")
     hf_to_megamod(str(tmp_path / "hf"), str(tmp_path / "dense"))
+    os.makedirs(tmp_path / "dense" / "tokenizer")
+    (tmp_path / "dense" / "tokenizer" / "tokenizer.json").write_text('{"stand-in": 1}')
     counts = upcycle(str(tmp_path / "dense"), str(tmp_path / "moe"), num_experts=4, topk=2)
     assert counts["routers"] == 2  # layers 0 and 2 of 4
+    # the tokenizer travels with the checkpoint, so the next stage finds it as with any other
+    assert (tmp_path / "moe" / "tokenizer" / "tokenizer.json").read_text() == '{"stand-in": 1}'
     dense_cfg, dense = _load(str(tmp_path / "dense"), build_language_model, LanguageModelConfig)
     cfg, sparse = _load(str(tmp_path / "moe"), build_language_model, LanguageModelConfig)
     assert cfg.moe_layer_pattern == [1, 0, 1, 0] and cfg.num_experts == 4 and cfg.moe_router_topk == 2
