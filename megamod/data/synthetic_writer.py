@@ -16,6 +16,8 @@
                         the colour of an object in the image
     eval/mmbench.jsonl  held-out images, MMBench-like {"index", "question", "A", "B", "C", "D", "answer", "category",
                         "image"}
+    eval/captions.jsonl held-out images, LLaVA question lines {"question_id", "image", "text": "Describe the image.",
+                        "answer": the reference description}
     tokenizer/          byte-level BPE trained on all the text (Qwen2 pre-tokenizer and NFC; specials <|endoftext|>,
                         <|im_start|>, <|im_end|>, <image>, <|pad|>): tokenizer.json + tokenizer_config.json
                         (transformers' AutoTokenizer loads it as Qwen2Tokenizer)
@@ -158,7 +160,7 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
         os.makedirs(os.path.join(out, d), exist_ok=True)
     scenes, captions, conversations, pairs = [], [], [], []
     pope = {"random": [], "adversarial": []}
-    mmbench = []
+    mmbench, captions_eval = [], []
     jobs = [("train", i) for i in range(size)] + [("eval", i) for i in range(eval_size)]
     for split, i in tqdm(jobs, desc="synthetic images", disable=not progress, mininterval=1.0):
         rng = random.Random(f"{seed}-{split}-{i}")
@@ -180,6 +182,8 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
             mmbench.append({"index": len(mmbench), "question": item["question"],
                             **dict(zip(syn.LETTERS, item["options"])), "answer": item["answer"],
                             "category": item["category"], "image": scene.image})
+        captions_eval.append({"question_id": len(captions_eval) + 1, "image": scene.image,
+                              "text": "Describe the image.", "answer": syn.describe(scene.objects)})
     for j in range(max(1, size // 20)):
         rng = random.Random(f"{seed}-text-{j}")
         conversations.append(_conversation(f"text-{j:06d}", None, [syn.text_only(rng)]))
@@ -191,6 +195,7 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
     for kind, rows in pope.items():
         _dump_jsonl(os.path.join(out, "eval", f"pope_{kind}.jsonl"), rows)
     _dump_jsonl(os.path.join(out, "eval", "mmbench.jsonl"), mmbench)
+    _dump_jsonl(os.path.join(out, "eval", "captions.jsonl"), captions_eval)
 
     templates = [VICUNA_SYSTEM + " USER: ASSISTANT:", f"system\n{QWEN_SYSTEM}", "user\n", "assistant\n",
                  syn.MCQ_SUFFIX, "A. B. C. D."]
@@ -203,7 +208,8 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
             "counts": {"images": len(scenes), "captions.json": len(captions),
                        "conversations.json": len(conversations), "pairs.jsonl": len(pairs),
                        "eval/pope_random.jsonl": len(pope["random"]),
-                       "eval/pope_adversarial.jsonl": len(pope["adversarial"]), "eval/mmbench.jsonl": len(mmbench)}}
+                       "eval/pope_adversarial.jsonl": len(pope["adversarial"]), "eval/mmbench.jsonl": len(mmbench),
+                       "eval/captions.jsonl": len(captions_eval)}}
     with open(os.path.join(out, "info.json"), "w") as f:
         json.dump(info, f, indent=1)
         f.write("\n")

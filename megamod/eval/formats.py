@@ -12,6 +12,10 @@ Multiple choice (`read_mcq`):
   cell holding only digits refers to the row of that index, as VLMEvalKit writes repeated images);
 - the synthetic eval/mmbench.jsonl (any other extension), one object per line with the same fields, "image" a path.
 
+MME (`read_mme`, eval/mme.py): the release directory as published (MME_Benchmark_release_version/).
+
+Open answers (`read_open`): LLaVA's question JSON Lines {"question_id", "image", "text"} with optional references.
+
 Image paths are relative to `image_folder` when given; otherwise to the data file's directory, or to its parent when
 the images are only found there (the synthetic data set's paths are relative to the data set root, one level up).
 """
@@ -41,6 +45,17 @@ class YesNoItem:
     image: str | bytes | None  # a path, or the encoded image file itself
     label: bool                # True = "yes"
     location: str              # file:line
+    category: str | None = None  # MME: the sub-task
+    group: str | None = None     # MME: the image its questions share (for acc+)
+
+
+@dataclass
+class OpenItem:
+    id: object
+    question: str
+    image: str | None
+    references: list[str]      # reference answers (may be empty: predictions only)
+    location: str
 
 
 @dataclass
@@ -208,8 +223,39 @@ def read_mcq(path: str, image_folder: str | None = None, limit: int | None = Non
     return items
 
 
+def _references(obj: dict, where: str) -> list[str]:
+    for key in ("answer", "answers", "caption", "captions"):
+        if key not in obj:
+            continue
+        value = obj[key]
+        refs = [value] if isinstance(value, str) else value
+        # VQAv2 annotations list {"answer": ...} objects
+        refs = [r.get("answer") if isinstance(r, dict) else r for r in refs] if isinstance(refs, list) else None
+        if not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            raise FormatError(f"{where}: field {key!r} must be a non-empty string or list of strings, got {value!r}")
+        return refs
+    return []
+
+
+def read_open(path: str, image_folder: str | None = None, limit: int | None = None) -> list[OpenItem]:
+    """LLaVA's question files for open answers (llava-bench, MM-Vet, the VQA sets, captions), JSON Lines:
+    {"question_id", "image", "text"}, plus optional references under "answer", "answers" (strings, or VQAv2's
+    {"answer": ...} objects), "caption" or "captions"."""
+    images, items = _Images(path, image_folder), []
+    for lineno, obj in _jsonl(path):
+        if limit is not None and len(items) >= limit:
+            break
+        where = f"{path}:{lineno}"
+        image = _optional(obj.get("image"))
+        items.append(OpenItem(obj.get("question_id", lineno), _text(obj, "text", where),
+                              images(image, where) if image else None, _references(obj, where), where))
+    return items
+
+
 def read_items(task: str, path: str, image_folder: str | None = None, limit: int | None = None) -> list:
-    readers = {"pope": read_pope, "mcq": read_mcq}
+    from megamod.eval.mme import read_mme
+
+    readers = {"pope": read_pope, "mcq": read_mcq, "mme": read_mme, "caption": read_open}
     if task not in readers:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(readers)}")
     items = readers[task](path, image_folder, limit)

@@ -49,6 +49,27 @@ def hf_scores(model, image_processor, rows: list, *, batch_size: int = 8) -> dic
     return scores
 
 
+def hf_generate(model, image_processor, rows: list, *, max_new_tokens: int, stop_ids: list[int]) -> dict:
+    """{key: greedy ids, the stop token excluded} by transformers' generate, one row at a time (no padding), for
+    rows (key, prompt ids with one <image> id per image, item with the image or None) as eval/generate.py takes them."""
+    image_id, n = model.config.image_token_id, _image_positions(model.config)
+    out = {}
+    for key, prompt, src in rows:
+        expanded = []
+        for t in prompt:
+            expanded += [t] * n if t == image_id else [t]
+        input_ids_BS = torch.tensor([expanded])
+        pixels = image_processor(images=[open_image(src)], return_tensors="pt")["pixel_values"] if src else None
+        with torch.no_grad():
+            ids_BS = model.generate(input_ids=input_ids_BS, attention_mask=torch.ones_like(input_ids_BS),
+                                    pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=list(stop_ids), pad_token_id=stop_ids[0], suppress_tokens=[image_id])
+        new = ids_BS[0, len(expanded):].tolist()
+        stops = [i for i, t in enumerate(new) if t in stop_ids]
+        out[key] = new[:stops[0]] if stops else new
+    return out
+
+
 def evaluate_hf(hf_dir: str, task: str, data: str, *, image_folder: str | None = None, batch_size: int = 8,
                 limit: int | None = None, circular: bool = False, template: str = "llava_mod",
                 instruction: str | None = None) -> dict:

@@ -22,7 +22,7 @@ from megamod.data.tokenizer import IMAGE_TOKEN
 from megamod.eval.formats import LETTERS, ChoiceItem, YesNoItem, read_items
 
 YES, NO = ("Yes", "yes"), ("No", "no")
-TASKS = ("pope", "mcq")
+TASKS = ("pope", "mcq", "mme")  # scored by one forward; "caption" generates (captions.py)
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def _queries(task: str, items: list, circular: bool, instruction: str | None):
     """(item position, round, question text, image source, answer classes) for every forward row."""
     out = []
     for pos, item in enumerate(items):
-        if task == "pope":
+        if task in ("pope", "mme"):
             out.append((pos, 0, yes_no_question(item, instruction), item, (YES, NO)))
             continue
         for r in range(len(item.options) if circular else 1):
@@ -124,9 +124,13 @@ def _queries(task: str, items: list, circular: bool, instruction: str | None):
 def metrics(task: str, items: list, scores: dict, circular: bool) -> dict:
     """`scores`: (item position, round) -> score per class; the first of equal scores wins."""
     chosen = {key: max(range(len(s)), key=s.__getitem__) for key, s in scores.items()}
-    if task == "pope":
+    if task in ("pope", "mme"):
         preds = [chosen[(p, 0)] == 0 for p in range(len(items))]
         result = {"task": task, **pope_metrics(preds, [it.label for it in items])}
+        if task == "mme":
+            from megamod.eval.mme import mme_scores
+
+            result.update(mme_scores(items, [y == it.label for it, y in zip(items, preds)]))
         result["predictions"] = [{"id": it.id, "label": "yes" if it.label else "no", "pred": "yes" if y else "no",
                                   "scores": scores[(p, 0)]} for p, (it, y) in enumerate(zip(items, preds))]
         return result
@@ -163,7 +167,8 @@ def build_rows(tokenizer, task: str, items: list, *, circular: bool = False, tem
 
 
 def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int = 8, circular: bool = False,
-                   template: str = "llava_mod", instruction: str | None = None, progress: bool = False) -> dict:
+                   template: str = "llava_mod", instruction: str | None = None, progress: bool = False,
+                   max_new_tokens: int = 128) -> dict:
     """Metrics of a loaded LLaVA model (training.models.LoadedModel) on every rank of the initialised world."""
     from megamod.eval.runner import choose
 
@@ -172,6 +177,11 @@ def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int
     if tokenizer.token_to_id(IMAGE_TOKEN) != loaded.image_token_id:
         raise ValueError(f"tokenizer {tokenizer.path} has <image> at id {tokenizer.token_to_id(IMAGE_TOKEN)}, the "
                          f"model reads images at id {loaded.image_token_id}")
+    if task == "caption":
+        from megamod.eval.captions import evaluate_captions
+
+        return evaluate_captions(loaded, tokenizer, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 template=template, progress=progress)
     rows = build_rows(tokenizer, task, items, circular=circular, template=template, instruction=instruction)
     scores = choose(loaded, tokenizer, rows, batch_size=batch_size, progress=progress)
     return metrics(task, items, scores, circular)
@@ -180,17 +190,18 @@ def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int
 def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None, batch_size: int = 8,
              limit: int | None = None, circular: bool = False, tp: int = 1, pp: int = 1, ep: int = 1,
              template: str = "llava_mod", instruction: str | None = None, tokenizer: str | None = None,
-             dtype: str = "auto", progress: bool = False) -> dict:
+             dtype: str = "auto", progress: bool = False, max_new_tokens: int = 128) -> dict:
     """Initialise the world (tp, pp, ep), load `ckpt` and score it on `data`; every rank returns the same dict:
-    task, count and the task's metrics (pope: accuracy, precision, recall, f1, yes_ratio; mcq: accuracy,
-    categories and, with `circular`, circular_accuracy), plus per-item predictions."""
+    task, count and the task's metrics (pope: accuracy, precision, recall, f1, yes_ratio; mme: those plus MME's
+    per-sub-task, perception and cognition scores; mcq: accuracy, categories and, with `circular`,
+    circular_accuracy; caption: exact match and token F1 where there are references), plus per-item
+    predictions."""
     from megamod import checkpoint, distributed
     from megamod.data.tokenizer import load_tokenizer
     from megamod.training.models import load
 
-    if task == "caption":
-        raise NotImplementedError("task 'caption' needs greedy generation, which is not implemented yet; "
-                                  "use --task pope or --task mcq")
+    if task not in TASKS + ("caption",):
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS + ('caption',)}")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}")
     items = read_items(task, data, image_folder, limit)
@@ -201,5 +212,5 @@ def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None
     distributed.initialize(distributed.ParallelConfig(tp=tp, pp=pp, ep=ep))
     loaded = load(ckpt, checkpoint.resolve_dtype(dtype))
     result = evaluate_model(loaded, tok, task, items, batch_size=batch_size, circular=circular, template=template,
-                            instruction=instruction, progress=progress)
+                            instruction=instruction, progress=progress, max_new_tokens=max_new_tokens)
     return {**result, "ckpt": ckpt, "data": data}

@@ -130,14 +130,18 @@ class LlavaModel(MegatronModule):
         return decoder_input_SBH
 
     def forward(self, input_ids_BS, position_ids_BS, images_NCHW=None, attention_mask=None, labels=None,
-                padding_mask=None):
-        """`padding_mask` [B, S] (True at padding) keeps padding out of MoE routing statistics."""
+                padding_mask=None, inference_context=None):
+        """`padding_mask` [B, S] (True at padding) keeps padding out of MoE routing statistics.
+        `inference_context` (megatron's StaticInferenceContext) holds the KV cache of greedy generation; the
+        logits then cover the last position only, gathered over the TP ranks."""
         decoder_input = self._decoder_input(input_ids_BS, images_NCHW) if self.pre_process else None
         if padding_mask is not None and self.pre_process and self.config.sequence_parallel:
             # GPTModel splits the mask for sequence parallelism only when it embeds the tokens itself.
             padding_mask = split_sequence_BS(padding_mask)
+        extra = {} if inference_context is None else {"inference_context": inference_context,
+                                                      "runtime_gather_output": True}
         return self.language_model(input_ids_BS, position_ids_BS, attention_mask, decoder_input=decoder_input,
-                                   labels=labels, padding_mask=padding_mask)
+                                   labels=labels, padding_mask=padding_mask, **extra)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         sharded = self.language_model.sharded_state_dict(f"{prefix}language_model.", sharded_offsets, metadata)

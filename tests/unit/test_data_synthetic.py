@@ -50,7 +50,7 @@ def _digests(directory):
 
 def test_same_seed_same_bytes_other_seed_other_bytes(data):
     a, b, c = (_digests(data / n) for n in "abc")
-    assert len(a) == 40 + 12 + 10 and a == b  # images + 10 data, eval, tokenizer, info files
+    assert len(a) == 40 + 12 + 11 and a == b  # images + 11 data, eval, tokenizer, info files
     assert set(a) == set(c)
     differ = {k for k in a if a[k] != c[k]}
     assert differ >= {"captions.json", "conversations.json", "pairs.jsonl", "scenes.jsonl",
@@ -187,6 +187,11 @@ def test_eval_files_are_true_balanced_and_held_out(loaded):
         assert scene["split"] == "eval"
         assert [_mcq_true(r["question"], r[letter], scene) for letter in "ABCD"] == \
             [letter == r["answer"] for letter in "ABCD"]
+    captions = read_jsonl("eval/captions.jsonl")
+    assert len(captions) == 12 and {r["image"] for r in captions} == {r["image"] for r in mmbench}
+    for r in captions:  # the reference names exactly the scene's objects, where they are
+        scene = scenes[r["image"]]
+        assert _description(r["answer"]) == {(o["color"], o["shape"], o["position"]) for o in scene["objects"]}
 
 
 def test_pixels_show_the_described_scene(loaded):

@@ -243,6 +243,3 @@ def test_evaluate_a_sparse_checkpoint_on_multiple_choice(engine_setup, world1):
     assert set(result["categories"]) <= {"color", "count", "position", "shape"}
 
 
-def test_caption_is_not_implemented(engine_setup):
-    with pytest.raises(NotImplementedError, match="greedy generation, which is not implemented yet"):
-        main(["eval", "--ckpt", engine_setup["teacher"], "--task", "caption", "--data", "x.jsonl"])
