@@ -4,6 +4,7 @@ Each job writes its results to files that the pytest process compares against si
 Job kinds:
   logits: {"layout", "ckpt", "input_ids", "out", "images"?}  -> fp32 logits [S, V] (images: a saved [N,3,R,R])
   trainer: {"recipe", "out"} -> the Trainer's per-step metrics (rank 0)
+  eval:   {"layout", "ckpt", "task", "data", "limit", "out", "max_new_tokens"?} -> scoring.evaluate's result (writer)
   train:  {"layout", "ckpt", "batches", "steps", "lr", "out"}  -> losses per step and micro-batch, gradients of
           step 1 as a dist checkpoint (canonical layout) under out/grads
 """
@@ -90,7 +91,18 @@ def run_trainer(job):
             json.dump(history, f)
 
 
-_JOBS = {"logits": run_logits, "train": run_train, "losses": run_losses, "trainer": run_trainer}
+def run_eval(job):
+    from megamod.eval.runner import is_writer
+    from megamod.eval.scoring import evaluate
+
+    result = evaluate(job["ckpt"], job["task"], job["data"], limit=job["limit"], batch_size=3,
+                      max_new_tokens=job.get("max_new_tokens", 8), dtype="float32", **job["layout"])
+    if is_writer():
+        with open(job["out"], "w") as f:
+            json.dump(result, f)
+
+
+_JOBS = {"eval": run_eval, "logits": run_logits, "train": run_train, "losses": run_losses, "trainer": run_trainer}
 
 
 def main():
