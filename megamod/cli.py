@@ -19,6 +19,8 @@ COMMANDS = {  # name -> (module, help)
     "check-data": ("megamod.commands.check_data",
                    "read a whole data file as training would and report every bad sample"),
     "eval": ("megamod.commands.eval", "score a checkpoint on POPE-style yes/no or multiple-choice data"),
+    "cache-teacher": ("megamod.commands.cache_teacher",
+                      "run a teacher alone and store its top-k log-probs / pair log-probs for training"),
 }
 
 

@@ -8,14 +8,16 @@ def forward_only(model, run, keep, seq_length: int, micro_batch_size: int):
     """One micro-batch through megatron's pipeline schedule, in eval mode and without gradients.
 
     `run(m)` returns the model's output for the batch; `keep(logits_BSv)` picks what the last stage holds on to
-    (before any gather, so callers choose what size they keep). Returns that on the last stage, None elsewhere."""
+    (before any gather, so callers choose what size they keep; a tensor or a tuple of them). Returns that on the
+    last stage, None elsewhere."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     kept: list[torch.Tensor] = []
 
     def loss_func(logits_BSv):
-        kept.append(keep(logits_BSv).detach())
+        out = keep(logits_BSv)
+        kept.append(out.detach() if isinstance(out, torch.Tensor) else tuple(t.detach() for t in out))
         return logits_BSv.new_zeros(()), {}
 
     def forward_step(data_iterator, m):

@@ -173,6 +173,10 @@ class FileDataset(torch.utils.data.Dataset):
     def location(self, k: int) -> str:
         return self.records.location(int(self._index[k]))
 
+    def sample_id(self, k: int) -> str | None:
+        """Sample k's id as its record gives it (no tokenising, no images)."""
+        return self._parse(int(self._index[k])).sample_id
+
     def _encode(self, turns, train_on: str = "all") -> Encoded:
         return encode(self.template, self.tokenizer, turns, train_on=train_on, max_length=self.max_length,
                       num_image_tokens=self.num_image_tokens, truncate_answer=self.truncate_answer)

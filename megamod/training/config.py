@@ -87,11 +87,16 @@ class LogConfig:
 
 
 @dataclass
+class TeacherCacheConfig:
+    cache: str  # directory written by `megamod cache-teacher` (docs/TEACHER_CACHE.md); no teacher model is loaded
+
+
+@dataclass
 class RunConfig:
     stage: str
     student: str  # megamod checkpoint directory
     out: str  # run directory: checkpoints/, tensorboard/, model/ (the final student, input of the next stage)
-    teacher: str | None = None
+    teacher: str | TeacherCacheConfig | None = None  # a checkpoint (online teacher) or {cache: DIR}
     trainable: list[str] | None = None  # parameter groups to train; default: the stage's (stages.GROUPS)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -131,6 +136,8 @@ def _build(cls, value, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, dict):  # a section: the dataclass member of the union
+            inner = [a for a in inner if dataclasses.is_dataclass(a)] or inner
         return _build(inner[0], value, where)
     if origin is list:
         if not isinstance(value, list):
@@ -180,6 +187,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     stage = get_stage(cfg.stage)
     if stage.teacher and not cfg.teacher:
         raise ConfigError(f"{where}: stage {cfg.stage} needs a teacher checkpoint (teacher: DIR)")
+    if isinstance(cfg.teacher, TeacherCacheConfig) and (cfg.loss.kd != "forward" or cfg.loss.temperature != 1.0):
+        raise ConfigError(f"{where}: a cached teacher (teacher.cache) holds temperature-1 top-k log-probs: it supports "
+                          f"loss.kd=forward and loss.temperature=1 only (got {cfg.loss.kd}, {cfg.loss.temperature})")
     if cfg.trainable is not None:
         unknown = sorted(set(cfg.trainable) - set(GROUPS))
         if unknown or not cfg.trainable:

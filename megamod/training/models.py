@@ -59,16 +59,37 @@ def check_weights_loaded(model: torch.nn.Module, ckpt: str) -> None:
                          f"zero on this rank: the teacher checkpoint holds no trained weights")
 
 
-def load_teacher(ckpt: str, student: LoadedModel, params_dtype: torch.dtype, sequence_parallel: bool) -> LoadedModel:
+def load_frozen_teacher(ckpt: str, params_dtype: torch.dtype, sequence_parallel: bool = False) -> LoadedModel:
+    """A trained model, frozen and in eval mode (the online teacher, and the teacher-cache writer's model)."""
     meta = checkpoint.read_metadata(ckpt)
     if "init" in (meta.get("source") or {}):
         raise ValueError(f"teacher {ckpt} holds freshly initialised (random) weights, not a trained model")
     teacher = load(ckpt, params_dtype, sequence_parallel)
     check_weights_loaded(teacher.model, ckpt)
-    check_compatible(teacher, student, ckpt)
     teacher.model.requires_grad_(False)
     teacher.model.eval()
     return teacher
+
+
+def load_teacher(ckpt: str, student: LoadedModel, params_dtype: torch.dtype, sequence_parallel: bool) -> LoadedModel:
+    teacher = load_frozen_teacher(ckpt, params_dtype, sequence_parallel)
+    check_compatible(teacher, student, ckpt)
+    return teacher
+
+
+def open_cache(directory: str, student: LoadedModel, pairs: bool):
+    """A teacher cache of the kind the stage reads (pairs or conversations), for the student's vocabulary."""
+    from megamod.teacher_cache.format import CacheError
+    from megamod.teacher_cache.reader import TeacherCache
+
+    cache = TeacherCache(directory)
+    kind = "pairs" if pairs else "conversations"
+    if cache.kind != kind:
+        raise CacheError(f"teacher cache {directory} holds {cache.kind}; this stage trains on {kind}")
+    if cache.vocab_size != student.language.vocab_size:
+        raise CacheError(f"teacher cache {directory} has a vocabulary of {cache.vocab_size} tokens, the student "
+                         f"{student.language.vocab_size}: distillation needs one tokenizer")
+    return cache
 
 
 def check_compatible(teacher: LoadedModel, student: LoadedModel, ckpt: str) -> None:

@@ -4,6 +4,8 @@ Runs inside Megatron's pipeline schedule. On every stage the student runs its la
 teacher, the teacher runs its own slice of the same micro-batch under no_grad; intermediate stages send both
 activations on together (DistillPair). The last stage turns both models' vocabulary-parallel logits into the loss
 without gathering the vocabulary. Pairs (preference stage) run as one batch of 2B rows: chosen rows, then rejected.
+With a cached teacher (`MicroBatch.cached`) no teacher runs: KD is the top-k bucketed KL (losses/topk_kd.py) and
+the preference reference is the cached pair of sequence log-probs.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from megamod.losses.ce import cross_entropy_BS, masked_mean
 from megamod.losses.kd import kd_loss_BS
 from megamod.losses.preference import preference_loss, sequence_logprobs_B
+from megamod.losses.topk_kd import topk_kd_loss_BS
 
 
 @dataclass
@@ -28,6 +31,7 @@ class MicroBatch:
     num_images: int
     padding: torch.Tensor         # bool [B, S]: True at padding (kept out of MoE routing statistics)
     pairs: int = 0                # > 0: rows [0, pairs) chosen, [pairs, 2 pairs) rejected
+    cached: object = None         # teacher_cache.reader.CachedTeacher: the offline teacher's rows, if any
 
     @property
     def seq_length(self) -> int:
@@ -37,7 +41,8 @@ class MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return dataclasses.replace(self, tokens=move(self.tokens), position_ids=move(self.position_ids),
                                    labels=move(self.labels), loss_mask=move(self.loss_mask),
-                                   images=move(self.images), padding=move(self.padding))
+                                   images=move(self.images), padding=move(self.padding),
+                                   cached=None if self.cached is None else self.cached.to(device))
 
 
 def _padding_BS(b) -> torch.Tensor:
@@ -73,7 +78,8 @@ def pad_to(mb: MicroBatch, length: int, pad_id: int) -> MicroBatch:
 
     positions = torch.arange(length).expand(B, length).contiguous()
     return dataclasses.replace(mb, tokens=pad(mb.tokens, pad_id), position_ids=positions, labels=pad(mb.labels, -100),
-                               loss_mask=pad(mb.loss_mask, 0.0), padding=pad(mb.padding, True))
+                               loss_mask=pad(mb.loss_mask, 0.0), padding=pad(mb.padding, True),
+                               cached=None if mb.cached is None else mb.cached.pad_to(length))
 
 
 def run_model(model, mb: MicroBatch, llava: bool):
@@ -108,15 +114,22 @@ class Objective:
             rows = slice(0, mb.pairs) if mb.pairs else slice(None)  # pairs: the chosen answers only
             parts["ce"] = masked_mean(cross_entropy_BS(student_BSv[rows], mb.labels[rows], self.vocab_size),
                                       mb.loss_mask[rows])
-        if "kd" in self.weights:
+        if "kd" in self.weights and mb.cached is not None:
+            c = mb.cached
+            parts["kd"] = masked_mean(topk_kd_loss_BS(student_BSv, c.ids_BSK, c.logprobs_BSK, c.log_tail_BS,
+                                                      self.vocab_size), mb.loss_mask)
+        elif "kd" in self.weights:
             parts["kd"] = masked_mean(kd_loss_BS(student_BSv, teacher_BSv, self.vocab_size, self.kd_mode,
                                                  self.temperature), mb.loss_mask)
         if "preference" in self.weights:
             if not mb.pairs:
                 raise ValueError("the preference loss needs preference pairs (data kind: pairs)")
             policy_2B = sequence_logprobs_B(student_BSv, mb.labels, mb.loss_mask, self.vocab_size)
-            with torch.no_grad():
-                reference_2B = sequence_logprobs_B(teacher_BSv, mb.labels, mb.loss_mask, self.vocab_size)
+            if mb.cached is not None:
+                reference_2B = mb.cached.reference_2B
+            else:
+                with torch.no_grad():
+                    reference_2B = sequence_logprobs_B(teacher_BSv, mb.labels, mb.loss_mask, self.vocab_size)
             P = mb.pairs
             loss_N, metrics = preference_loss(self.preference, policy_2B[:P], policy_2B[P:], reference_2B[:P],
                                               reference_2B[P:], beta=self.beta)

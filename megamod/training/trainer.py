@@ -2,12 +2,14 @@
 
 Student: megatron DDP + megatron optimizer (AdamW, clipping, plain or distributed), cosine schedule with warm-up,
 gradient accumulation over micro-batches through `get_forward_backward_func`. Teacher (stages that have one):
-built on the same pipeline stages, frozen, run on each student micro-batch. Checkpoints at `checkpoint.every`
+built on the same pipeline stages, frozen, run on each student micro-batch; or, with `teacher: {cache: DIR}`, no
+teacher model at all: each micro-batch carries the teacher's cached rows, looked up by sample id. Checkpoints at `checkpoint.every`
 steps and at the end; a run resumes from the newest complete checkpoint of its run directory; the final student
 is written to `<out>/model`, the input of the next stage.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,9 +21,9 @@ import torch
 from megamod import checkpoint as model_checkpoint
 from megamod import distributed
 from megamod.training import checkpoint as train_checkpoint
-from megamod.training.config import RunConfig, loss_weights
+from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
 from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
-from megamod.training.models import DistillPair, load, load_teacher, unwrap
+from megamod.training.models import DistillPair, load, load_teacher, open_cache, unwrap
 from megamod.training.objective import Objective, from_batch, pad_to
 from megamod.training.stages import apply_trainable, get_stage
 from megamod.training.step import build_optimizer, train_step, wrap_ddp
@@ -55,8 +57,10 @@ class Trainer:
         self.trainable = apply_trainable(self.student.model, self.groups)
         self._check_trainable()
         self.ddp = wrap_ddp(self.student.model, cfg.optim.distributed_optimizer)
-        self.teacher = None
-        if self.stage.teacher:
+        self.teacher = self.teacher_cache = None
+        if self.stage.teacher and isinstance(cfg.teacher, TeacherCacheConfig):
+            self.teacher_cache = open_cache(cfg.teacher.cache, self.student, self.stage.pairs)
+        elif self.stage.teacher:
             self.teacher = load_teacher(cfg.teacher, self.student, self.dtype,
                                         self.student.model.config.sequence_parallel)
         self.pair = DistillPair(self.ddp, self.teacher.model) if self.teacher and p.pp > 1 else None
@@ -87,51 +91,26 @@ class Trainer:
         w = self.objective.weights
         if not w:
             raise ValueError(f"stage {self.cfg.stage}: every loss weight is zero")
-        if ("kd" in w or "preference" in w) and self.teacher is None:
+        if ("kd" in w or "preference" in w) and self.teacher is None and self.teacher_cache is None:
             raise ValueError(f"losses {sorted(w)} need a teacher; stage {self.cfg.stage} has none")
         if ("preference" in w) != self.stage.pairs:
             raise ValueError(f"stage {self.cfg.stage}: the preference loss goes with pair data and only with it")
 
     def _build_data(self) -> None:
-        from megamod.data.collate import Collator
-        from megamod.data.datasets import FileDataset, MixedDataset
-        from megamod.data.images import ImageProcessor
+        from megamod.data.datasets import MixedDataset
         from megamod.data.sampler import MixtureSampler, StatefulLoader
-        from megamod.data.tokenizer import load_tokenizer
+        from megamod.training.data_setup import build_collator, build_datasets, load_model_tokenizer
 
         cfg, d = self.cfg, self.cfg.data
-        path = d.tokenizer or os.path.join(cfg.student, "tokenizer")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}: set data.tokenizer")
-        self.tokenizer = tok = load_tokenizer(path)
-        if tok.vocab_size > self.student.language.vocab_size:
-            raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than the student's vocabulary "
-                             f"({self.student.language.vocab_size})")
-        llava = self.student.kind == "llava"
-        image_id = self.student.image_token_id if llava else -1
-        if llava and tok.token_to_id("<image>") != image_id:
-            raise ValueError(f"tokenizer {path} has <image> at id {tok.token_to_id('<image>')}, the student "
-                             f"reads images at id {image_id}")
-        vision = self.student.cfg.vision if llava else None
-        processor = ImageProcessor(size=vision.image_size, mean=vision.image_mean, std=vision.image_std) if llava \
-            else ImageProcessor()
-        num_image_tokens = vision.num_image_tokens if llava else 1
+        self.tokenizer = tok = load_model_tokenizer(self.student, d.tokenizer, cfg.student)
         kind = "pairs" if self.stage.pairs else "conversations"
-        datasets = [FileDataset(s.path, tok, kind=s.kind or kind, image_folder=s.image_folder, template=s.template,
-                                image_processor=processor, max_length=d.max_length,
-                                num_image_tokens=num_image_tokens, on_bad_sample=d.on_bad_sample)
-                    for s in d.train]
-        wrong = [s.path for s, ds in zip(d.train, datasets) if ds.kind != kind]
-        if wrong:
-            raise ValueError(f"stage {cfg.stage} trains on {kind}; {wrong} are not")
+        datasets = build_datasets(self.student, tok, d.train, kind, d.max_length, d.on_bad_sample)
         dataset = MixedDataset(datasets)
         self.sampler = MixtureSampler(dataset.sizes, [s.weight for s in d.train], seed=d.seed, dp_rank=self.dp_rank,
                                       dp_size=self.dp, epoch_size=d.epoch_size,
                                       block_size=cfg.schedule.micro_batch_size)
-        tp = self.cfg.parallel.tp
-        collator = Collator(image_id, tok.pad_id, num_image_tokens=num_image_tokens,
-                            pad_to_multiple_of=tp if self.student.model.config.sequence_parallel else 1,
-                            image_size=processor.size)
+        collator = build_collator(self.student, tok, self.cfg.parallel.tp
+                                  if self.student.model.config.sequence_parallel else 1)
         s = cfg.schedule
         self.micro_batch_size = s.micro_batch_size
         per_step = s.micro_batch_size * self.dp
@@ -168,7 +147,15 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _micro_batches(self, batches) -> list:
         llava = self.student.kind == "llava"
-        mbs = [from_batch(next(batches), llava) for _ in range(self.num_micro)]
+        mbs = []
+        for _ in range(self.num_micro):
+            batch = next(batches)
+            mb = from_batch(batch, llava)
+            if self.teacher_cache is not None:
+                rows = batch.chosen if hasattr(batch, "chosen") else batch
+                mb = dataclasses.replace(mb, cached=self.teacher_cache.for_micro_batch(rows.sample_ids,
+                                                                                       rows.locations, mb))
+            mbs.append(mb)
         length = max(mb.seq_length for mb in mbs)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         return [pad_to(mb, length, self.tokenizer.pad_id).to(device) for mb in mbs]

@@ -4,6 +4,7 @@ Each job writes its results to files that the pytest process compares against si
 Job kinds:
   logits: {"layout", "ckpt", "input_ids", "out", "images"?}  -> fp32 logits [S, V] (images: a saved [N,3,R,R])
   trainer: {"recipe", "out"} -> the Trainer's per-step metrics (rank 0)
+  cached_rows: {"recipe", "batches", "out"} -> the teacher-cache rows each DP rank attaches (cache_checks.py)
   eval:   {"layout", "ckpt", "task", "data", "limit", "out", "max_new_tokens"?} -> scoring.evaluate's result (writer)
   train:  {"layout", "ckpt", "batches", "steps", "lr", "out"}  -> losses per step and micro-batch, gradients of
           step 1 as a dist checkpoint (canonical layout) under out/grads
@@ -102,7 +103,14 @@ def run_eval(job):
             json.dump(result, f)
 
 
-_JOBS = {"eval": run_eval, "logits": run_logits, "train": run_train, "losses": run_losses, "trainer": run_trainer}
+def run_cached_rows(job):
+    from tests.distributed import cache_checks
+
+    cache_checks.run(job)
+
+
+_JOBS = {"eval": run_eval, "logits": run_logits, "train": run_train, "losses": run_losses, "trainer": run_trainer,
+         "cached_rows": run_cached_rows}
 
 
 def main():
