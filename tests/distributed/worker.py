@@ -5,6 +5,7 @@ Job kinds:
   logits: {"layout", "ckpt", "input_ids", "out", "images"?}  -> fp32 logits [S, V] (images: a saved [N,3,R,R])
   trainer: {"recipe", "out"} -> the Trainer's per-step metrics (rank 0)
   cached_rows: {"recipe", "batches", "out"} -> the teacher-cache rows each DP rank attaches (cache_checks.py)
+  memory: {"layout", "model", "mbs", "seq", "out"} -> peak memory of training steps (memory_checks.py)
   eval:   {"layout", "ckpt", "task", "data", "limit", "out", "max_new_tokens"?} -> scoring.evaluate's result (writer)
   train:  {"layout", "ckpt", "batches", "steps", "lr", "out"}  -> losses per step and micro-batch, gradients of
           step 1 as a dist checkpoint (canonical layout) under out/grads
@@ -103,6 +104,12 @@ def run_eval(job):
             json.dump(result, f)
 
 
+def run_memory(job):
+    from tests.distributed import memory_checks
+
+    memory_checks.run(job)
+
+
 def run_cached_rows(job):
     from tests.distributed import cache_checks
 
@@ -110,7 +117,7 @@ def run_cached_rows(job):
 
 
 _JOBS = {"eval": run_eval, "logits": run_logits, "train": run_train, "losses": run_losses, "trainer": run_trainer,
-         "cached_rows": run_cached_rows}
+         "cached_rows": run_cached_rows, "memory": run_memory}
 
 
 def main():

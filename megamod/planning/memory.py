@@ -1,0 +1,150 @@
+"""Per-rank memory and FLOPs of one distillation step, from the model configs and a parallel layout.
+
+What is counted (bytes, on the busiest pipeline stage: the first holds the embedding and the most in-flight
+micro-batches, the last the output layer; the larger of the two is reported):
+  weights      student parameters of this rank in the parameter dtype
+  gradients    megatron DDP's fp32 gradient buffer, trainable parameters only
+  optimizer    Adam moments (fp32, 8 bytes) + fp32 master weights when the parameters are 16-bit (4 bytes), divided
+               by the data-parallel size (expert-data-parallel size for experts) with the distributed optimizer
+  activations  what the student's backward keeps per layer and micro-batch (the tensors listed in
+               `_layer_activation_elems`), times the micro-batches in flight (1F1B: min(pp, micro-batches) on the
+               first stage); plus the logits and their fp32 loss copies on the last stage
+  teacher      online: the frozen teacher's weights on the same TP/PP layout (dense teacher, no EP), its logits
+               and one layer's working set; cached: the micro-batch's top-k rows
+  buffers      pipeline send/receive buffers and the teacher-student joint activation (DistillPair)
+Not counted: the CUDA context and allocator fragmentation (a few GB on a GPU: the planner keeps `headroom`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megamod.models.language import LanguageModelConfig
+from megamod.training.metrics import language_forward_flops_per_token
+
+TRAINS = {"sft": "language", "d2d": "language", "d2s": "ffn", "preference": "ffn", "align": "none"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    mbs: int = 1
+    seq: int = 2048
+    num_micro: int = 1  # micro-batches per step and data-parallel rank
+    param_bytes: int = 2  # bf16
+    distributed_optimizer: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def _moe_layers(cfg: LanguageModelConfig) -> int:
+    if cfg.num_experts is None:
+        return 0
+    return sum(1 for x in cfg.moe_layer_pattern if x) if cfg.moe_layer_pattern else cfg.num_layers
+
+
+def param_counts(cfg: LanguageModelConfig, lay: Layout, stage: str) -> dict:
+    """Parameters on one rank of pipeline stage `stage` ("first" or "last"), split into groups:
+    attention/norms (`other`), dense FFNs (`ffn`), experts (`experts`), routers (`router`), embedding/output."""
+    h, hd, tp = cfg.hidden_size, cfg.head_dim, lay.tp
+    layers = cfg.num_layers // lay.pp
+    moe = round(_moe_layers(cfg) / lay.pp)
+    attn = (h * hd * (cfg.num_attention_heads + 2 * cfg.num_query_groups) + cfg.num_attention_heads * hd * h) // tp
+    attn += (hd * (cfg.num_attention_heads + 2 * cfg.num_query_groups)) // tp if cfg.qkv_bias else 0
+    norms = 2 * h
+    ffn = 3 * h * cfg.ffn_hidden_size // tp
+    expert = 3 * h * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)  # expert TP = 1
+    counts = {"other": layers * (attn + norms), "ffn": (layers - moe) * ffn,
+              "experts": moe * (cfg.num_experts or 0) // lay.ep * expert, "router": moe * h * (cfg.num_experts or 0)}
+    vocab = cfg.padded_vocab_size * h // tp
+    single = lay.pp == 1
+    counts["embedding"] = vocab if stage == "first" or single or cfg.tie_word_embeddings else 0
+    counts["output"] = vocab if (stage == "last" or single) and not (cfg.tie_word_embeddings and single) else 0
+    counts["other"] += h if stage == "last" or single else 0  # final norm
+    return counts
+
+
+def _trainable(counts: dict, trains: str) -> tuple[int, int]:
+    """(dense, expert) trainable parameters of this rank."""
+    if trains == "language":
+        return sum(v for k, v in counts.items() if k != "experts"), counts["experts"]
+    if trains == "ffn":
+        return counts["ffn"] + counts["router"], counts["experts"]
+    return 0, 0
+
+
+def _layer_activation_elems(cfg: LanguageModelConfig, lay: Layout, moe: bool) -> float:
+    """Elements a layer keeps for its backward, per micro-batch: norm inputs and outputs, q/k/v (and rotated q/k),
+    attention scores and probabilities (local attention, unfused), the context, the residual, fc1's output,
+    the SwiGLU output; MoE: the router's logits and probabilities, and the permuted tokens (topk copies)."""
+    t = lay.mbs * lay.seq  # tokens
+    h, hd, tp = cfg.hidden_size, cfg.head_dim, lay.tp
+    qkv = hd * (cfg.num_attention_heads + 2 * cfg.num_query_groups)
+    attention = t * (2 * h + (2 * qkv - 2 * cfg.num_query_groups * hd) / tp + h / tp + h) \
+        + 2 * lay.mbs * cfg.num_attention_heads / tp * lay.seq ** 2
+    ffn_width = (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size) if moe else cfg.ffn_hidden_size / tp
+    copies = cfg.moe_router_topk if moe else 1
+    ffn = t * 2 * h + t * copies * (3 * ffn_width + h)
+    if moe:
+        ffn += t * (2 * (cfg.num_experts or 0) + copies * h)
+    return attention + ffn
+
+
+def step_memory(student: LanguageModelConfig, lay: Layout, trains: str = "language",
+                teacher: LanguageModelConfig | None = None, cached_topk: int | None = None) -> dict:
+    """Bytes per rank by kind (module docstring), the larger of the first and last pipeline stage."""
+    best = None
+    for stage in (("first", "last") if lay.pp > 1 else ("first",)):
+        m = _stage_memory(student, lay, trains, teacher, cached_topk, stage)
+        best = m if best is None or m["total"] > best["total"] else best
+    return best
+
+
+def _stage_memory(student, lay, trains, teacher, cached_topk, stage) -> dict:
+    counts = param_counts(student, lay, stage)
+    dense_t, expert_t = _trainable(counts, trains)
+    pb = lay.param_bytes
+    out = {"weights": sum(counts.values()) * pb, "gradients": 4 * (dense_t + expert_t)}
+    opt_per_param = 8 + (4 if pb < 4 else 0)
+    expert_dp = max(1, lay.dp * lay.tp // lay.ep)
+    shard = (lay.dp, expert_dp) if lay.distributed_optimizer else (1, 1)
+    out["optimizer"] = opt_per_param * (dense_t / shard[0] + expert_t / shard[1])
+    in_flight = min(lay.pp, lay.num_micro) if stage == "first" else 1
+    layers = student.num_layers // lay.pp
+    moe = round(_moe_layers(student) / lay.pp)
+    per_micro = (layers - moe) * _layer_activation_elems(student, lay, False) + moe * _layer_activation_elems(
+        student, lay, True)
+    last = stage == "last" or lay.pp == 1
+    tokens = lay.mbs * lay.seq
+    vocab_shard = student.padded_vocab_size / lay.tp
+    logits = tokens * vocab_shard * (pb + 4 + 4) if last else 0  # logits, fp32 copy, its softmax / gradient
+    out["activations"] = per_micro * pb * in_flight + logits
+    if teacher is not None:
+        t_counts = param_counts(teacher, Layout(tp=lay.tp, pp=lay.pp, mbs=lay.mbs, seq=lay.seq), stage)
+        working = tokens * (3 * teacher.ffn_hidden_size / lay.tp + 4 * teacher.hidden_size) * pb
+        t_logits = tokens * teacher.padded_vocab_size / lay.tp * (pb + 4) if last else 0
+        out["teacher"] = sum(t_counts.values()) * pb + working + t_logits
+        joint = tokens * (student.hidden_size + teacher.hidden_size) * pb * 2 if lay.pp > 1 else 0
+    elif cached_topk:
+        out["teacher"] = tokens * cached_topk * (8 + 4) + tokens * 4 if last else 0
+        joint = 0
+    else:
+        out["teacher"], joint = 0, 0
+    out["buffers"] = joint + (2 * tokens * student.hidden_size * pb if lay.pp > 1 else 0)
+    out["total"] = sum(out.values())
+    out["stage"] = stage
+    return out
+
+
+def step_flops(student: LanguageModelConfig, lay: Layout, teacher: LanguageModelConfig | None = None) -> dict:
+    """Model FLOPs of one step per rank (training/metrics.py's count): student forward + backward (3x), teacher
+    forward (1x, online only)."""
+    tokens = lay.mbs * lay.seq * lay.num_micro * lay.dp
+    student_f = 3 * tokens * language_forward_flops_per_token(student, lay.seq)
+    teacher_f = tokens * language_forward_flops_per_token(teacher, lay.seq) if teacher is not None else 0.0
+    return {"student": student_f / lay.world, "teacher": teacher_f / lay.world,
+            "total": (student_f + teacher_f) / lay.world}
