@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.megamod-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,19 @@ test: setup
 
 demo: setup
 	$(VPY) -m megamod demo --out runs/demo
+
+# CPU benchmarks at CPU sizes (about 2 minutes): tables on stdout, JSON in $(BENCH_OUT). To record them:
+#   .venv/bin/python tools/bench/perf_report.py $(BENCH_OUT)/*.json --append docs/PERF.md
+BENCH_OUT ?= runs/bench
+bench: setup
+	$(VPY) tools/bench/permute.py --device cpu --shapes 16384x1024x8x2 4096x4096x8x2 16384x1024x4x2 \
+		--repeats 10 --json $(BENCH_OUT)/permute.json
+	$(VPY) tools/bench/moe_layer.py --device cpu --repeats 10 --json $(BENCH_OUT)/moe_layer.json
+	$(VPY) tools/bench/distill_step.py --device cpu --preset cpu --json $(BENCH_OUT)/distill_step.json
+
+# The GPU tier on a CUDA machine without internet (tools/gpu_check.sh): MEGAMOD_WHEELS=DIR carries megatron-core.
+gpu-check:
+	tools/gpu_check.sh
 
 clean:
 	rm -rf build megamod/_C*.so runs

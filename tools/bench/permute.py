@@ -2,24 +2,42 @@
 
 Both run the same step on the same inputs: permute(tokens, routing_map, probs) -> unpermute(..., probs, routing_map)
 -> backward, so all four kernels and both prob gradients are timed. Reports the median of repeats after warm-up, the
-ratio, and the achieved bandwidth next to a plain copy of the same bytes (1.0 = as fast as copying them; the copy
-reuses its buffer, while the ops allocate their outputs and so pay for first-touch page faults).
+ratio, and the achieved bandwidth next to a plain copy of the same bytes (a device copy on GPU, memcpy on CPU;
+1.0 = as fast as copying them; the copy reuses its buffer, while the ops allocate their outputs and so pay for
+first-touch page faults).
 
 On CPU, megamod's outputs ask for transparent huge pages (csrc/bindings.cpp) and megatron's allocations do not;
 THP_MEM_ALLOC_ENABLE=1 gives every torch allocation huge pages, to compare the kernels without that difference.
 
-    python tools/bench/permute.py [--hidden 1024 2048] [--dtypes float32 bfloat16] [--json out.json]
+Shapes are TxHxExK (tokens, hidden, experts, top-k). Defaults: on cuda, Mixtral-like 16384x4096x8x2, the 2B student
+16384x2048x4x2 and the 0.5B student 16384x1024x4x2; on cpu, 16384x1024x8x2 and 16384x2048x8x2.
+
+    python tools/bench/permute.py [--device cuda] [--shapes 16384x4096x8x2 ...] [--dtypes float32 bfloat16]
+                                  [--warmup 3] [--repeats 20] [--json out.json]
 """
 import argparse
-import gc
-import json
-import statistics
-import time
 
 import torch
 from megatron.core.transformer.moe import moe_utils
 
+import benchlib
 from megamod import ops
+
+DEFAULT_SHAPES = {"cuda": ["16384x4096x8x2", "16384x2048x4x2", "16384x1024x4x2"],
+                  "cpu": ["16384x1024x8x2", "16384x2048x8x2"]}
+COLUMNS = [("dtype", "dtype", ""), ("T", "T", "d"), ("H", "H", "d"), ("E", "E", "d"), ("K", "K", "d"),
+           ("megatron_ms", "megatron ms", ".2f"), ("ours_ms", "ours ms", ".2f"), ("speedup", "speed-up", ".2f"),
+           ("ours_GBps", "ours GB/s", ".1f"), ("copy_GBps", "copy GB/s", ".1f"), ("of_copy", "of copy", ".2f")]
+
+
+def parse_shape(text: str) -> tuple:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not TxHxExK with positive integers, e.g. 16384x4096x8x2")
+    T, H, E, K = map(int, parts)
+    if K > E:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: top-k {K} is more than the {E} experts")
+    return T, H, E, K
 
 
 def make_inputs(T, H, E, K, dtype, device, seed=0):
@@ -41,92 +59,54 @@ def step(impl, tokens_TH, routing_map_TE, probs_TE, grad_TH):
     out_TH.backward(grad_TH)
 
 
-def seconds(fn, device):
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
-
-
-def median_seconds(fns, device, warmup, repeats):
-    """Median time of each of fns (a dict). The functions take turns, so that a slow spell of the machine (a shared
-    2-core VM varies by 2x from one second to the next) falls on all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    gc.disable()  # as timeit does: a collection of megatron's many Python objects would land on a random repeat
-    try:
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                times[name].append(seconds(fn, device))
-    finally:
-        gc.enable()
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def run(args):
-    device = torch.device(args.device)
+def run(args, device) -> list:
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        for H in args.hidden:
-            inputs = make_inputs(args.tokens, H, args.experts, args.topk, dtype, device)
-            P = args.tokens * args.topk
+        for T, H, E, K in args.shapes:
+            inputs = make_inputs(T, H, E, K, dtype, device)
+            P = T * K
             # Least traffic of the four kernels: permute fwd reads T rows, writes P; unpermute fwd reads P, writes T;
             # unpermute bwd reads T + P, writes P; permute bwd reads P, writes T.
-            moved = (4 * args.tokens + 5 * P) * H * inputs[0].element_size()
+            moved = (4 * T + 5 * P) * H * inputs[0].element_size()
             src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
             fns = dict(copy=lambda: dst.copy_(src), ref=lambda: step(moe_utils, *inputs),
                        ours=lambda: step(ops, *inputs))
-            median = median_seconds(fns, device, args.warmup, args.repeats)
+            median = benchlib.median_seconds(fns, device, args.warmup, args.repeats)
             copy_s, ref_s, ours_s = median["copy"], median["ref"], median["ours"]
-            rows.append(
-                dict(device=str(device), dtype=dtype_name, T=args.tokens, H=H, E=args.experts, K=args.topk,
-                     threads=torch.get_num_threads(), megatron_ms=ref_s * 1e3, ours_ms=ours_s * 1e3,
-                     speedup=ref_s / ours_s, ours_GBps=moved / ours_s / 1e9, copy_GBps=moved / copy_s / 1e9,
-                     of_copy=copy_s / ours_s)
-            )
+            rows.append(dict(dtype=dtype_name, T=T, H=H, E=E, K=K, megatron_ms=ref_s * 1e3, ours_ms=ours_s * 1e3,
+                             speedup=ref_s / ours_s, ours_GBps=moved / ours_s / 1e9, copy_GBps=moved / copy_s / 1e9,
+                             of_copy=copy_s / ours_s))
+            del inputs, src, dst
     return rows
 
 
-def print_table(rows):
-    header = f"{'dtype':>9} {'H':>5} {'megatron ms':>12} {'ours ms':>8} {'speedup':>8} {'ours GB/s':>10} " \
-             f"{'copy GB/s':>10} {'of copy':>8}"
-    print(header)
-    for r in rows:
-        print(f"{r['dtype']:>9} {r['H']:>5} {r['megatron_ms']:>12.2f} {r['ours_ms']:>8.2f} {r['speedup']:>7.2f}x "
-              f"{r['ours_GBps']:>10.1f} {r['copy_GBps']:>10.1f} {r['of_copy']:>8.2f}")
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--topk", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, help="TxHxExK, e.g. 16384x4096x8x2")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args()
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+    device = benchlib.parse_device(args.device)
+    args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES[device.type]]
     if not ops.extension_available():
         raise SystemExit("megamod._C is not built: nothing to compare (pip install --no-build-isolation -e .)")
-    rows = run(args)
-    print(f"permute+unpermute fwd+bwd, T={args.tokens} E={args.experts} K={args.topk}, device={args.device}, "
-          f"threads={torch.get_num_threads()}; median of {args.repeats} after {args.warmup} warm-up")
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    rows = run(args, device)
+    notes = ["speed-up = megatron-core torch path time / megamod time; of copy = copy time / megamod time "
+             "(same bytes, 1.0 = copy speed)"]
+    res = benchlib.result(
+        "permute", f"permute+unpermute fwd+bwd, megamod vs megatron-core torch path, device={device}, "
+        f"threads={torch.get_num_threads()}; median of {args.repeats} after {args.warmup} warm-up", device,
+        {"shapes": ["x".join(map(str, s)) for s in args.shapes], "dtypes": args.dtypes, "warmup": args.warmup,
+         "repeats": args.repeats}, COLUMNS, rows, notes)
+    benchlib.print_table(res)
+    benchlib.write_json(res, args.json)
+    return res
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""What every benchmark in tools/bench/ shares: timing, the run's environment, peak FLOP/s, the JSON it writes.
+
+Timing: the candidates of one comparison run side by side in one process, taking turns after warm-up, and the
+median of the repeats is kept; on a GPU each call is timed with CUDA events.
+
+The JSON each benchmark writes (read by perf_report.py, which turns it into a docs/PERF.md section):
+    {"benchmark": name, "title": one line, "env": environment(), "config": the arguments,
+     "columns": [[key, header, format], ...], "rows": [{key: value}, ...], "notes": [line, ...]}
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+# Dense bf16 peak of the GPUs megamod is measured on (vendor data sheets, TFLOP/s, no sparsity). Matched in order
+# against torch.cuda.get_device_name(): the PCIe/NVL H100 parts are slower than the SXM one.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of one call of fn: CUDA events on a GPU (the call's kernels only), perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def median_seconds(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median time of each of fns (name -> function). The functions take turns, so that a slow spell of the machine
+    (a shared 2-core VM varies by 2x from one second to the next) falls on all of them alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times = {name: [] for name in fns}
+    gc.disable()  # as timeit does: a collection of megatron's many Python objects would land on a random repeat
+    try:
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(seconds(fn, device))
+    finally:
+        gc.enable()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@contextlib.contextmanager
+def moe_aux_loss_scale(device: torch.device):
+    """megatron-core keeps the MoE aux-loss gradient scale in one process-wide tensor: a backward outside its
+    pipeline schedule creates it with shape [], which the schedule's later copy_ of a [1] scale cannot fill. Give it
+    the schedule's shape for the benchmark, and leave it as found (tests run the benchmarks in their process)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    before = MoEAuxLossAutoScaler.main_loss_backward_scale
+    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=device)
+    try:
+        yield
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = before
+
+
+def parse_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
+    return device
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Device and versions, recorded with every result so that figures are compared only like with like."""
+    try:
+        from importlib.metadata import version
+
+        megatron = version("megatron-core")
+    except Exception:  # an unpackaged checkout of megatron-core still runs the benchmarks
+        megatron = "unknown"
+    env = {"device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "megatron_core": megatron, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "cpu_cores": os.cpu_count()}
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"{_cpu_name()} ({os.cpu_count()} CPU cores)"
+    return env
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    """The peak to divide by for MFU: the one given, else the bf16 data-sheet figure of a known GPU, else None."""
+    if given is not None:
+        if given <= 0:
+            raise SystemExit(f"--peak-tflops must be positive, got {given}")
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+
+
+def result(benchmark: str, title: str, device: torch.device, config: dict, columns: list, rows: list,
+           notes: list | None = None) -> dict:
+    return {"benchmark": benchmark, "title": title, "env": environment(device), "config": config,
+            "columns": [list(c) for c in columns], "rows": rows, "notes": list(notes or [])}
+
+
+def format_value(value, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and fmt:
+        return format(value, fmt)
+    return str(value)
+
+
+def print_table(res: dict) -> None:
+    """The result as a fixed-width table on stdout, its notes below."""
+    print(res["title"])
+    headers = [header for _, header, _ in res["columns"]]
+    cells = [[format_value(row.get(key), fmt) for key, _, fmt in res["columns"]] for row in res["rows"]]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+    for note in res["notes"]:
+        print(f"  {note}")
+
+
+def write_json(res: dict, path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)

@@ -1,0 +1,227 @@
+"""Benchmark: one dense-to-sparse distillation step (LLaVA teacher online, sparse LLaVA student) on one device.
+
+Times, alternating, median of repeats after warm-up:
+  (a) the d2s step: teacher forward + student forward/backward with the KD and CE losses + optimizer step;
+  (b) the student step alone (CE only, no teacher);
+  (c) the teacher forward alone;
+and reports tokens/s, model TFLOP/s, MFU and the KD overhead ratio a / (b + c) (1.0: distilling costs exactly a
+student step plus a teacher forward; above 1: what the KD loss and holding both models add).
+(a) and (b) run what the Trainer runs for a step (stages' trainable set, megatron DDP and optimizer,
+`training.step.train_step` with `training.objective.Objective`), on synthetic micro-batches (one image per sample
+at the start, random tokens), so no checkpoint or data set is needed; both models start from random weights.
+
+FLOPs per token: teacher forward 2*N_T, student forward+backward 6*N_S_active, where N counts the language model's
+matmul weights (the output layer, not the input embedding lookup) and only top-k of E experts' weights per MoE
+layer. The CLIP towers and attention scores are not counted, so MFU is a lower bound.
+
+Presets (--preset, default by device): gpu = Qwen1.5-0.5B student upcycled to 4 experts top-2 in even layers +
+Qwen1.5-1.8B teacher, CLIP ViT-L/14-336, bf16, 4 micro-batches of 1 x 2048 tokens; cpu = the same shape of job
+scaled to run in seconds; tiny = for tests.
+
+    python tools/bench/distill_step.py [--device cuda] [--preset gpu] [--seq-length 2048] [--micro-batch-size 1]
+                                       [--micro-batches 4] [--peak-tflops 989] [--repeats 5] [--json out.json]
+"""
+import argparse
+import math
+
+import torch
+
+import benchlib
+
+QWEN_VOCAB = 151936
+PRESETS = {
+    # language: student / teacher LanguageModelConfig fields; vision: VisionConfig fields ({} = CLIP ViT-L/14-336)
+    # mbs 1: megatron's local (unfused) attention keeps S x S scores per head for backward; 4 micro-batches per step
+    "gpu": dict(vocab=QWEN_VOCAB, dtype="bfloat16", seq=2048, mbs=1, micro=4, vision={},
+                student=dict(hidden_size=1024, num_layers=24, num_attention_heads=16, num_query_groups=16,
+                             ffn_hidden_size=2816),
+                teacher=dict(hidden_size=2048, num_layers=24, num_attention_heads=16, num_query_groups=16,
+                             ffn_hidden_size=5504)),
+    "cpu": dict(vocab=4096, dtype="float32", seq=256, mbs=2, micro=2,
+                vision=dict(hidden_size=128, intermediate_size=512, num_layers=2, num_attention_heads=4,
+                            image_size=64, patch_size=16),
+                student=dict(hidden_size=256, num_layers=4, num_attention_heads=4, num_query_groups=2,
+                             ffn_hidden_size=704),
+                teacher=dict(hidden_size=512, num_layers=4, num_attention_heads=8, num_query_groups=2,
+                             ffn_hidden_size=1408)),
+    "tiny": dict(vocab=512, dtype="float32", seq=32, mbs=2, micro=1,
+                 vision=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=16),
+                 student=dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                              ffn_hidden_size=96),
+                 teacher=dict(hidden_size=96, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                              ffn_hidden_size=128)),
+}
+COLUMNS = [("part", "part", ""), ("step_ms", "ms", ".1f"), ("tokens_per_s", "tokens/s", ".0f"),
+           ("tflops", "model TFLOP/s", ".3g"), ("mfu", "MFU", ".1%"), ("kd_overhead", "KD overhead", ".2f")]
+
+
+def llava_configs(p: dict, experts: int, topk: int):
+    from megamod.models.language import LanguageModelConfig
+    from megamod.models.llava import LlavaConfig
+    from megamod.models.upcycle import moe_layer_pattern
+    from megamod.models.vision import VisionConfig
+
+    vision, image_id = VisionConfig(**p["vision"]), p["vocab"] - 1
+    layers = p["student"]["num_layers"]
+    student = LanguageModelConfig(vocab_size=p["vocab"], max_position_embeddings=p["seq"], num_experts=experts,
+                                  moe_router_topk=topk, moe_layer_pattern=moe_layer_pattern("even", layers),
+                                  **p["student"])
+    teacher = LanguageModelConfig(vocab_size=p["vocab"], max_position_embeddings=p["seq"], **p["teacher"])
+    return LlavaConfig(student, vision, image_id), LlavaConfig(teacher, vision, image_id)
+
+
+def matmul_params(model, cfg) -> float:
+    """Language-model weights a token goes through: experts count top-k / E, the input embedding only if tied."""
+    lm = cfg.language
+    total = 0.0
+    for name, p in model.named_parameters():
+        if not name.startswith("language_model."):
+            continue
+        if "embedding.word_embeddings" in name and not lm.tie_word_embeddings:
+            continue
+        share = lm.moe_router_topk / lm.num_experts if ".mlp.experts." in name else 1.0
+        total += share * p.numel()
+    return total
+
+
+def micro_batches(cfg, p: dict, device):
+    """Synthetic full-length samples: one image at the start of each, random text after it."""
+    from megamod.training.objective import MicroBatch
+
+    gen = torch.Generator().manual_seed(0)
+    B, S, n_img = p["mbs"], p["seq"], cfg.vision.num_image_tokens
+    if n_img >= S:
+        raise SystemExit(f"--seq-length {S} leaves no text after the {n_img} image positions")
+    out = []
+    for _ in range(p["micro"]):
+        tokens_BS = torch.randint(0, cfg.image_token_id, (B, S), generator=gen)
+        tokens_BS[:, 1:1 + n_img] = cfg.image_token_id
+        labels_BS = torch.randint(0, cfg.image_token_id, (B, S), generator=gen)
+        labels_BS[:, : 1 + n_img] = -100
+        images = torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
+        out.append(MicroBatch(tokens_BS, torch.arange(S).expand(B, S).contiguous(), labels_BS,
+                              (labels_BS != -100).float(), images, B * S, B,
+                              torch.zeros(B, S, dtype=torch.bool)).to(device))
+    return out
+
+
+def run(p: dict, a, device):
+    from megamod.models.factory import build_model
+    from megamod.training.objective import Objective, run_model
+    from megamod.training.stages import apply_trainable, get_stage
+    from megamod.training.step import build_optimizer, train_step, wrap_ddp
+
+    dtype = getattr(torch, p["dtype"])
+    student_cfg, teacher_cfg = llava_configs(p, a.experts, a.topk)
+    stage = get_stage("d2s")
+    student = build_model(student_cfg, "llava", dtype, init_weights=True).to(device)
+    apply_trainable(student, stage.trainable)
+    teacher = build_model(teacher_cfg, "llava", dtype, init_weights=True).to(device).requires_grad_(False).eval()
+    n_student, n_teacher = matmul_params(student, student_cfg), matmul_params(teacher, teacher_cfg)
+    ddp = wrap_ddp(student)
+    optimizer = build_optimizer([ddp], lr=1e-5)
+    ddp.train()
+    mbs = micro_batches(student_cfg, p, device)
+    vocab = student_cfg.language.vocab_size
+    kd = Objective(dict(stage.losses), vocab, llava=True)
+    ce = Objective({"ce": 1.0}, vocab, llava=True)
+    losses = {}
+
+    def step(name, objective, with_teacher):
+        result = train_step([ddp], optimizer, objective.forward_step(ddp, teacher if with_teacher else None), mbs,
+                            p["seq"], p["mbs"])
+        losses[name] = [float(d["loss"]) for d in result.losses]
+
+    def teacher_forward():
+        with torch.no_grad():
+            for mb in mbs:
+                run_model(teacher, mb, llava=True)
+
+    fns = {"kd": lambda: step("kd", kd, True), "student": lambda: step("student", ce, False),
+           "teacher": teacher_forward}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    median = benchlib.median_seconds(fns, device, a.warmup, a.repeats)
+    bad = {k: v for k, v in losses.items() if not all(map(math.isfinite, v))}
+    if bad:
+        raise SystemExit(f"non-finite losses: {bad}")
+    tokens = p["micro"] * p["mbs"] * p["seq"]
+    flops = {"kd": tokens * (2 * n_teacher + 6 * n_student), "student": tokens * 6 * n_student,
+             "teacher": tokens * 2 * n_teacher}
+    median["student+teacher"] = median["student"] + median["teacher"]
+    flops["student+teacher"] = flops["student"] + flops["teacher"]
+    peak = benchlib.peak_tflops(device, a.peak_tflops)
+    labels = {"kd": "(a) d2s step: teacher fwd + student fwd/bwd + KD", "student": "(b) student step alone",
+              "teacher": "(c) teacher forward alone", "student+teacher": "(b) + (c)"}
+    rows = []
+    for key, label in labels.items():
+        s = median[key]
+        tflops = flops[key] / s / 1e12
+        rows.append(dict(part=label, step_ms=s * 1e3, tokens_per_s=tokens / s, tflops=tflops,
+                         mfu=tflops / peak if peak else None,
+                         kd_overhead=median["kd"] / median["student+teacher"] if key == "kd" else None))
+    info = dict(tokens_per_step=tokens, student_params=sum(t.numel() for t in student.parameters()),
+                student_active_matmul_params=n_student, teacher_matmul_params=n_teacher, peak_tflops=peak,
+                kd_overhead=rows[0]["kd_overhead"], d2s_loss=losses["kd"][-1],
+                peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    return rows, info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default: gpu on cuda, cpu on cpu)")
+    parser.add_argument("--seq-length", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--micro-batches", type=int, help="micro-batches per optimizer step")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs' bf16 peak)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    a = parser.parse_args(argv)
+    device = benchlib.parse_device(a.device)
+    preset = a.preset or ("gpu" if device.type == "cuda" else "cpu")
+    p = dict(PRESETS[preset])
+    for key, arg in (("seq", a.seq_length), ("mbs", a.micro_batch_size), ("micro", a.micro_batches),
+                     ("dtype", a.dtype)):
+        if arg is not None:
+            p[key] = arg
+    if min(p["seq"], p["mbs"], p["micro"], a.experts, a.topk) < 1 or a.topk > a.experts:
+        raise SystemExit("--seq-length, --micro-batch-size, --micro-batches, --experts, --topk must be positive "
+                         "and --topk <= --experts")
+    if device.type == "cpu" and torch.cuda.is_available():
+        # megamod runs megatron-core on CPU only where CUDA is absent (megamod.cpu_compat refuses otherwise)
+        raise SystemExit("--device cpu needs a machine without CUDA; use --device cuda here")
+    from megamod import distributed
+
+    distributed.initialize(distributed.ParallelConfig())
+    try:
+        with benchlib.moe_aux_loss_scale(device):
+            rows, info = run(p, a, device)
+    finally:
+        distributed.shutdown()
+    notes = [f"student {info['student_params'] / 1e6:.1f}M parameters, {info['student_active_matmul_params'] / 1e6:.1f}M "
+             f"active matmul (N_S); teacher {info['teacher_matmul_params'] / 1e6:.1f}M matmul (N_T); "
+             f"{info['tokens_per_step']} tokens per step",
+             f"FLOPs: (a) 2*N_T + 6*N_S per token, (b) 6*N_S, (c) 2*N_T; MFU against "
+             + (f"{info['peak_tflops']:g} TFLOP/s" if info["peak_tflops"] else "no known peak (n/a; --peak-tflops)"),
+             f"KD overhead = (a) / ((b) + (c)) = {info['kd_overhead']:.2f}"]
+    if info["peak_memory_gb"] is not None:
+        notes.append(f"peak GPU memory {info['peak_memory_gb']:.1f} GiB")
+    config = dict(preset=preset, seq_length=p["seq"], micro_batch_size=p["mbs"], micro_batches=p["micro"],
+                  dtype=p["dtype"], experts=a.experts, topk=a.topk, warmup=a.warmup, repeats=a.repeats, **info)
+    res = benchlib.result(
+        "distill_step", f"d2s distillation step, preset {preset}, {p['dtype']}, {p['micro']} x {p['mbs']} x "
+        f"{p['seq']} tokens, device={device}, threads={torch.get_num_threads()}; median of {a.repeats} after "
+        f"{a.warmup} warm-up", device, config, COLUMNS, rows, notes)
+    benchlib.print_table(res)
+    benchlib.write_json(res, a.json)
+    return res
+
+
+if __name__ == "__main__":
+    main()
