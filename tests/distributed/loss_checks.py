@@ -1,7 +1,10 @@
 """Worker side of tests/distributed/test_losses_tp.py: the losses on this TP rank's vocabulary shard.
 
 Job: {"kind": "losses", "layout": {"tp": N}, "inputs": full-vocabulary tensors (torch.save), "out": a folder}.
-Rank r writes out/rank{r}.pt: {name: (value, gradient w.r.t. its student-logit shard)} for every check in CHECKS.
+Rank r writes out/rank{r}.pt: {name: (value, gradient w.r.t. its student-logit shard)} for every check in CHECKS,
+and for each top-k KD check also {name + "/teacher": (ids_BSK, logprobs_BSK, log_tail_BS)}: teacher_topk_BSK on
+this rank's teacher shard. The top-k KD reads its cached teacher from inputs[name] (ids_BSK, logprobs_BSK,
+log_tail_BS over the full vocabulary), so the student side is checked apart from the teacher side.
 """
 import os
 
@@ -16,6 +19,11 @@ CHECKS = {
     "kd_reverse_v100": dict(loss="kd", mode="reverse", temperature=1.0, vocab=100),
     "seq_logprobs": dict(loss="seq", vocab=251),
     "ce": dict(loss="ce", vocab=251),
+    # cached teacher: top-16 stored in bf16 (renormalised), the whole vocabulary (no tail), and a vocabulary that
+    # leaves TP rank 1 without a valid column (every top-k id on rank 0)
+    "topk_kd_k16": dict(loss="topk", k=16, store="bfloat16", vocab=251),
+    "topk_kd_whole": dict(loss="topk", k=251, store="float32", vocab=251),
+    "topk_kd_v100_k8": dict(loss="topk", k=8, store="float32", vocab=100),
 }
 SEQ_WEIGHTS_B = [1.0, -0.5]  # the objective for sequence log-probs: both signs, so no gradient cancels by accident
 
@@ -24,8 +32,12 @@ def _value_and_objective(spec, x, teacher, inp):
     from megamod.losses.ce import cross_entropy_BS, masked_mean
     from megamod.losses.kd import kd_loss_BS
     from megamod.losses.preference import sequence_logprobs_B
+    from megamod.losses.topk_kd import topk_kd_loss_BS
 
     mask_BS, labels_BS, vocab = inp["loss_mask"], inp["labels"], spec["vocab"]
+    if spec["loss"] == "topk":
+        value = masked_mean(topk_kd_loss_BS(x, *inp[spec["name"]], vocab), mask_BS)
+        return value, value
     if spec["loss"] == "kd":
         value = masked_mean(kd_loss_BS(x, teacher, vocab, spec["mode"], spec["temperature"]), mask_BS)
         return value, value
@@ -40,6 +52,7 @@ def run(job):
     from megatron.core import parallel_state as ps
 
     from megamod import distributed
+    from megamod.losses.topk_kd import teacher_topk_BSK
 
     distributed.initialize(distributed.ParallelConfig(**job["layout"]))
     inp = torch.load(job["inputs"])
@@ -49,8 +62,10 @@ def run(job):
     results = {}
     for name, spec in CHECKS.items():
         x = inp["student"][..., cols].clone().requires_grad_()  # a fresh leaf per loss
-        value, objective = _value_and_objective(spec, x, inp["teacher"][..., cols], inp)
+        value, objective = _value_and_objective({**spec, "name": name}, x, inp["teacher"][..., cols], inp)
         objective.backward()
         results[name] = (value.detach(), x.grad)
+        if spec["loss"] == "topk":
+            results[name + "/teacher"] = teacher_topk_BSK(inp["teacher"][..., cols], spec["vocab"], spec["k"])
     os.makedirs(job["out"], exist_ok=True)
     torch.save(results, os.path.join(job["out"], f"rank{rank}.pt"))
