@@ -174,9 +174,12 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
     if cfg.num_experts is not None:
         # megatron-core's per-layer aux-loss log is process-global and sized by the first MoE model that writes to
         # it; a model with another layer count would index past it. Each sparse model starts a fresh log.
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 
         get_moe_layer_wise_logging_tracker().clear()
+        # Likewise the aux-loss gradient scale: a MoE backward outside the pipeline schedule leaves a 0-d tensor
+        # there, which the schedule's later copy_ of its [1]-shaped scale cannot broadcast into.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
     use_te = transformer_engine_usable() if use_te is None else use_te
     model = GPTModel(
         config=config,

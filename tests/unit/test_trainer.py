@@ -213,3 +213,15 @@ def test_recipe_overrides_the_trainable_groups(engine_setup, tmp_path):
     assert any(n.startswith("vision_model.") for n in trainer.trainable)
     with pytest.raises(ConfigError, match="trainable"):
         load_config(base=base_recipe(p["root"], "sft", p["student"], str(tmp_path / "x"), trainable=["visual"]))
+
+
+def test_moe_backward_outside_the_schedule_does_not_break_later_training(engine_setup, tmp_path):
+    """A MoE backward run by hand (a benchmark, a notebook) leaves megatron-core's process-global aux-loss scale as
+    a 0-d tensor; the schedule then copies its [1]-shaped scale into it and fails, unless the model build resets it."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    p = engine_setup
+    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)  # what such a backward leaves behind
+    history = _trainer(base_recipe(p["root"], "d2s", p["sparse"], str(tmp_path / "run"), teacher=p["teacher"],
+                                   schedule={"steps": 1})).train()
+    assert history[0]["aux"] > 0 and math.isfinite(history[0]["loss"])
