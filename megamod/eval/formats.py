@@ -133,13 +133,23 @@ class _Images:
             raise FormatError(f"{where}: image not found: tried {tried} (set --image-folder)")
         return full
 
+    def optional(self, obj: dict, where: str) -> str | None:
+        """The record's image path, or None when it has none (text-only questions)."""
+        rel = _optional(obj.get("image"))
+        return self(rel, where) if rel else None
+
+
+def _records(path: str, limit: int | None):
+    """(line number, "file:line", object) for the first `limit` records of a JSON Lines file."""
+    for n, (lineno, obj) in enumerate(_jsonl(path)):
+        if limit is not None and n >= limit:
+            return
+        yield lineno, f"{path}:{lineno}", obj
+
 
 def read_pope(path: str, image_folder: str | None = None, limit: int | None = None) -> list[YesNoItem]:
     images, items = _Images(path, image_folder), []
-    for lineno, obj in _jsonl(path):
-        if limit is not None and len(items) >= limit:
-            break
-        where = f"{path}:{lineno}"
+    for lineno, where, obj in _records(path, limit):
         label = obj.get("label", obj.get("answer"))
         if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
             raise FormatError(f"{where}: field 'label' must be \"yes\" or \"no\", got {label!r}")
@@ -213,14 +223,8 @@ def read_mcq(path: str, image_folder: str | None = None, limit: int | None = Non
         if not os.path.isfile(path):
             raise FileNotFoundError(f"evaluation file not found: {path}")
         return _read_tsv(path, limit)
-    images, items = _Images(path, image_folder), []
-    for lineno, obj in _jsonl(path):
-        if limit is not None and len(items) >= limit:
-            break
-        where = f"{path}:{lineno}"
-        image = _optional(obj.get("image"))
-        items.append(_choice(obj, images(image, where) if image else None, where))
-    return items
+    images = _Images(path, image_folder)
+    return [_choice(obj, images.optional(obj, where), where) for _, where, obj in _records(path, limit)]
 
 
 def _references(obj: dict, where: str) -> list[str]:
@@ -241,15 +245,9 @@ def read_open(path: str, image_folder: str | None = None, limit: int | None = No
     """LLaVA's question files for open answers (llava-bench, MM-Vet, the VQA sets, captions), JSON Lines:
     {"question_id", "image", "text"}, plus optional references under "answer", "answers" (strings, or VQAv2's
     {"answer": ...} objects), "caption" or "captions"."""
-    images, items = _Images(path, image_folder), []
-    for lineno, obj in _jsonl(path):
-        if limit is not None and len(items) >= limit:
-            break
-        where = f"{path}:{lineno}"
-        image = _optional(obj.get("image"))
-        items.append(OpenItem(obj.get("question_id", lineno), _text(obj, "text", where),
-                              images(image, where) if image else None, _references(obj, where), where))
-    return items
+    images = _Images(path, image_folder)
+    return [OpenItem(obj.get("question_id", lineno), _text(obj, "text", where), images.optional(obj, where),
+                     _references(obj, where), where) for lineno, where, obj in _records(path, limit)]
 
 
 def read_items(task: str, path: str, image_folder: str | None = None, limit: int | None = None) -> list:
