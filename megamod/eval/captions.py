@@ -9,7 +9,6 @@ import string
 from collections import Counter
 
 from megamod.data.templates import encode_prompt, get_template
-from megamod.data.tokenizer import IMAGE_TOKEN
 from megamod.eval.formats import OpenItem
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -51,13 +50,12 @@ def stop_ids(tokenizer) -> list[int]:
 def evaluate_captions(loaded, tokenizer, items: list[OpenItem], *, batch_size: int = 8, max_new_tokens: int = 128,
                       template: str = "llava_mod", progress: bool = False) -> dict:
     from megamod.eval.generate import greedy_generate
+    from megamod.eval.scoring import with_image
 
     tmpl = get_template(template)
     rows, prompts = [], []
     for pos, item in enumerate(items):
-        question = item.question
-        if item.image is not None and IMAGE_TOKEN not in question:
-            question = f"{IMAGE_TOKEN}\n{question}"
+        question = with_image(item.question, item.image is not None)
         prompts.append(question)
         rows.append((pos, encode_prompt(tmpl, tokenizer, [], question).tolist(),
                      item if item.image is not None else None))

@@ -20,6 +20,14 @@ def _image_positions(config) -> int:
     return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
+def _expand(prompt: list[int], image_id: int, n: int) -> list[int]:
+    """Each <image> id repeated over the n positions the HF model fills (as its processor writes prompts)."""
+    out = []
+    for t in prompt:
+        out += [t] * n if t == image_id else [t]
+    return out
+
+
 def hf_scores(model, image_processor, rows: list, *, batch_size: int = 8) -> dict:
     """{key: [score per class]} for scoring.build_rows rows, a class's score its best candidate's logit."""
     image_id, n = model.config.image_token_id, _image_positions(model.config)
@@ -27,12 +35,7 @@ def hf_scores(model, image_processor, rows: list, *, batch_size: int = 8) -> dic
     scores = {}
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        ids = []
-        for _, prompt, _, _ in batch:
-            expanded = []
-            for t in prompt:
-                expanded += [t] * n if t == image_id else [t]
-            ids.append(expanded)
+        ids = [_expand(prompt, image_id, n) for _, prompt, _, _ in batch]
         S = max(len(i) for i in ids)
         input_ids_BS = torch.full((len(ids), S), pad_id, dtype=torch.long)
         attention_BS = torch.zeros((len(ids), S), dtype=torch.long)
@@ -55,9 +58,7 @@ def hf_generate(model, image_processor, rows: list, *, max_new_tokens: int, stop
     image_id, n = model.config.image_token_id, _image_positions(model.config)
     out = {}
     for key, prompt, src in rows:
-        expanded = []
-        for t in prompt:
-            expanded += [t] * n if t == image_id else [t]
+        expanded = _expand(prompt, image_id, n)
         input_ids_BS = torch.tensor([expanded])
         pixels = image_processor(images=[open_image(src)], return_tensors="pt")["pixel_values"] if src else None
         with torch.no_grad():

@@ -54,19 +54,20 @@ def circular_accuracy(correct_by_round: list[list[bool]]) -> float:
 
 
 # ---- prompts and candidate tokens -------------------------------------------------------------------------------
-def _with_image(text: str, has_image: bool) -> str:
+def with_image(text: str, has_image: bool) -> str:
+    """The question as training saw it: the <image> placeholder on its own line first, unless already there."""
     return f"{IMAGE_TOKEN}\n{text}" if has_image and IMAGE_TOKEN not in text else text
 
 
 def yes_no_question(item: YesNoItem, instruction: str | None = None) -> str:
     text = item.question if not instruction else f"{item.question}\n{instruction}"
-    return _with_image(text, item.image is not None)
+    return with_image(text, item.image is not None)
 
 
 def choice_question(item: ChoiceItem) -> str:
     lines = ([item.hint] if item.hint else []) + [item.question]
     lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, item.options)] + [MCQ_SUFFIX]
-    return _with_image("\n".join(lines), item.image is not None)
+    return with_image("\n".join(lines), item.image is not None)
 
 
 def _continuation(template, tokenizer, word: str) -> list[int]:

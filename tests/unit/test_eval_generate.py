@@ -11,7 +11,7 @@ from megamod.cli import main
 from megamod.eval import captions, formats, mme
 
 
-def _rows(p, loaded, tok):
+def _rows(p, tok):
     """Prompts of three lengths, with and without an image (so batches group by length)."""
     from megamod.data.templates import encode_prompt, get_template
 
@@ -59,7 +59,7 @@ def test_kv_cache_generation_equals_recomputing_every_step(engine_setup, world1,
 
     loaded = load(engine_setup[name], checkpoint.resolve_dtype("float32"))
     tok = load_tokenizer(os.path.join(engine_setup[name], "tokenizer"))
-    rows = _rows(engine_setup, loaded, tok)
+    rows = _rows(engine_setup, tok)
     reference = _recompute(loaded, rows, steps=6)
     got = greedy_generate(loaded, rows, max_new_tokens=6, stop_ids=[], batch_size=4)
     assert got == reference
