@@ -15,6 +15,7 @@ COMMANDS = {  # name -> (module, help)
     "logits": ("megamod.commands.logits", "one forward pass; saves fp32 logits [S, V] of every position"),
     "demo": ("megamod.commands.demo", "the main job on CPU"),
     "upcycle": ("megamod.commands.upcycle", "turn a dense checkpoint into a sparse (MoE) one"),
+    "prune": ("megamod.commands.prune", "keep a subset of a checkpoint's decoder layers (depth pruning)"),
     "make-data": ("megamod.commands.make_data", "write the embedded synthetic multimodal data set"),
     "check-data": ("megamod.commands.check_data",
                    "read a whole data file as training would and report every bad sample"),

@@ -15,7 +15,7 @@ import shutil
 import torch
 
 from megamod import checkpoint, distributed
-from megamod.models.factory import build_model, config_from_dict
+from megamod.models.factory import build_model, read_model
 from megamod.models.upcycle import moe_layer_pattern, sparse_config, upcycle_into
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,7 @@ def add_arguments(p) -> None:
 def upcycle(ckpt: str, out: str, num_experts: int, topk: int, moe_layers: str = "even",
             aux_loss_coeff: float = 0.01, seed: int = 1234, tp: int = 1, pp: int = 1, ep: int = 1,
             capacity_factor: float | None = None) -> dict:
-    meta = checkpoint.read_metadata(ckpt)
-    kind, dtype = meta.get("kind"), checkpoint.dtype_from_name(meta["dtype"])
-    if kind not in ("llava", "language"):
-        raise ValueError(f"{ckpt}: kind {kind!r} cannot be upcycled")
-    dense_cfg = config_from_dict(kind, meta["model"])
-    language = dense_cfg.language if kind == "llava" else dense_cfg
+    meta, kind, dtype, dense_cfg, language = read_model(ckpt, "upcycled")
     sparse_language = dataclasses.replace(
         sparse_config(language, num_experts, topk, moe_layer_pattern(moe_layers, language.num_layers), aux_loss_coeff),
         moe_capacity_factor=capacity_factor)

@@ -23,6 +23,17 @@ def config_from_dict(kind: str, d: dict):
     raise ValueError(f"model kind {kind!r} is not language or llava")
 
 
+def read_model(ckpt: str, action: str):
+    """(metadata, kind, dtype, config, its language config) of a language or LLaVA checkpoint that `action`
+    (e.g. "upcycled") will rebuild; other kinds are an error naming the checkpoint."""
+    meta = checkpoint.read_metadata(ckpt)
+    kind = meta.get("kind")
+    if kind not in ("llava", "language"):
+        raise ValueError(f"{ckpt}: kind {kind!r} cannot be {action}")
+    cfg = config_from_dict(kind, meta["model"])
+    return meta, kind, checkpoint.dtype_from_name(meta["dtype"]), cfg, (cfg.language if kind == "llava" else cfg)
+
+
 def build_model(cfg, kind: str, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                 init_weights: bool = False):
     if kind == "llava":
