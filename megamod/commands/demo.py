@@ -1,9 +1,10 @@
 """`megamod demo`: the whole LLaVA-MoD pipeline on the embedded synthetic data set, on CPU.
 
-Trains a small teacher VLM (adapter alignment, instruction tuning), aligns a smaller student, distils it dense-to-dense
-at TP=2, upcycles it to a Mixture of Experts, distils it dense-to-sparse and then by preference (DPO against the
-teacher) at EP=2, evaluates every model on held-out POPE-style and multiple-choice splits, exports the final student
-to Hugging Face format and re-scores it with transformers, and writes `<out>/report.md`. Re-running resumes; see
+Trains a small teacher VLM (adapter alignment, instruction tuning), prunes it into a smaller student whose adapter is
+aligned again, distils the student dense-to-dense at TP=2, upcycles it to a Mixture of Experts, distils it
+dense-to-sparse and then by preference (DPO against the teacher) at EP=2, evaluates every model on held-out
+POPE-style and multiple-choice splits, exports the final student to Hugging Face format and re-scores it with
+transformers, and writes `<out>/report.md`. Re-running resumes; see
 megamod/demo/pipeline.py for the stages.
 """
 from __future__ import annotations

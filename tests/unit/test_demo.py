@@ -13,7 +13,7 @@ from megamod.demo.pipeline import MODELS, ORDER, TRAINING, compare_predictions
 from megamod.demo.report import read_metrics
 from tests.helpers import REPO
 
-PREVIOUS = {"teacher_align": "init/teacher", "teacher_sft": "teacher_align/model", "student_align": "init/student",
+PREVIOUS = {"teacher_align": "init/teacher", "teacher_sft": "teacher_align/model", "student_align": "prune/model",
             "d2d": "student_align/model", "d2s": "upcycle/model", "preference": "d2s/model"}
 
 
@@ -52,10 +52,14 @@ def test_stages_ran_in_order_and_chain(demo_run):
     experts = {n: json.loads((run / n / "model" / "megamod.json").read_text())["model"]["language"]["num_experts"]
                for n in ("d2d", "upcycle", "d2s", "preference")}
     assert experts == {"d2d": None, "upcycle": 4, "d2s": 4, "preference": 4}
-    # teacher and student start from the same pre-trained vision tower (the paper's shared CLIP)
-    for who in ("teacher", "student"):
-        meta = json.loads((run / "init" / who / "megamod.json").read_text())
-        assert meta["source"]["vision"] == str(run / "vision" / "tower.pt")
+    # the teacher starts from the pre-trained vision tower (the paper's CLIP); the student is the trained teacher
+    # with fewer layers, so it shares that tower
+    assert json.loads((run / "init" / "teacher" / "megamod.json").read_text())["source"]["vision"] == \
+        str(run / "vision" / "tower.pt")
+    pruned = json.loads((run / "prune" / "model" / "megamod.json").read_text())
+    assert pruned["source"]["pruned_from"] == str(run / "teacher_sft" / "model")
+    teacher = json.loads((run / "teacher_sft" / "model" / "megamod.json").read_text())["model"]["language"]
+    assert pruned["model"]["language"] == {**teacher, "ffn_hidden_size": 32}
 
 
 def test_report_and_export(demo_run):
