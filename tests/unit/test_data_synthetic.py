@@ -167,7 +167,11 @@ def test_preference_pairs_chosen_true_rejected_false(loaded):
         assert claims(q, pair["chosen"]) == truth(q, scene)
         assert claims(q, pair["rejected"]) != truth(q, scene)
         kinds[q.split()[0]] += 1
-    assert sum(kinds.values()) == 40 and len(kinds) >= 4
+        if q.startswith("Is there"):
+            kinds["chosen " + pair["chosen"].split(",")[0]] += 1
+    assert kinds["Is"] == kinds["chosen Yes"] + kinds["chosen No"]
+    assert kinds["chosen Yes"] > 0 and kinds["chosen No"] > 0  # not a lesson in answering "no"
+    assert sum(kinds[k] for k in kinds if not k.startswith("chosen")) == 40 and len(kinds) >= 6
 
 
 def test_eval_files_are_true_balanced_and_held_out(loaded):
