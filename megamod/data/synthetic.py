@@ -199,15 +199,15 @@ QUESTIONS = (q_color, q_count, q_position, q_exist, q_describe)
 
 def preference(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     """(question, chosen, rejected): chosen is true; rejected mentions a colour, count, position or object that the
-    image does not have (a hallucination), or, for half the existence questions, denies an object it has (so that
-    preferring the pairs does not simply teach answering "no")."""
+    image does not have (a hallucination), or, for a quarter of the existence questions, denies an object it has (so
+    that preferring the pairs does not simply teach answering "no")."""
     kind = rng.choice(("color", "exist", "position", "count", "describe"))
     o = rng.choice(scene.objects)
     if kind == "color" and scene.count(o.shape) == 1:
         wrong = rng.choice([c for c in COLORS if c != o.color])
         return f"What color is the {o.shape}?", f"The {o.shape} is {o.color}.", f"The {o.shape} is {wrong}."
     if kind == "exist":
-        if rng.random() < 0.5:
+        if rng.random() < 0.4:
             return exist_question(o.color, o.shape), exist_answer(o.color, o.shape, True), \
                 exist_answer(o.color, o.shape, False)
         color, shape = rng.choice(scene.absent())
