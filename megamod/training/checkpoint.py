@@ -162,14 +162,19 @@ def find_resume(root: str) -> str | None:
     return None
 
 
+def read_state(directory: str) -> dict:
+    """The train state a checkpoint was saved with (stage, recipe, model config, scheduler, sampler, step)."""
+    with open(os.path.join(directory, STATE)) as f:
+        return json.load(f)
+
+
 def load(directory: str, model, optimizer) -> dict:
     """Load into this rank's student and optimizer (any layout); RNG states when the layout is the same.
     Returns the train state."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    with open(os.path.join(directory, STATE)) as f:
-        train_state = json.load(f)
+    train_state = read_state(directory)
     state = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), directory,
                                     strict=StrictHandling.RAISE_ALL)
     model.load_state_dict(state["model"], strict=True)

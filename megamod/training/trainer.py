@@ -135,6 +135,11 @@ class Trainer:
         directory = train_checkpoint.find_resume(self.ckpt_root)
         if directory is None:
             return
+        model = self.student.cfg.to_dict()
+        saved = train_checkpoint.read_state(directory).get("model", model)
+        if saved != model:  # e.g. a stage re-run on a new student into the old run's out/
+            raise ValueError(f"{directory} holds a checkpoint of another model ({_first_difference(saved, model)}): "
+                             f"not a resume of this run; delete {self.ckpt_root} or set checkpoint.resume: false")
         state = train_checkpoint.load(directory, unwrap(self.ddp), self.optimizer)
         if state.get("stage") != self.cfg.stage:
             raise ValueError(f"{directory} is a checkpoint of stage {state.get('stage')}, this run is {self.cfg.stage}")
@@ -230,7 +235,7 @@ class Trainer:
 
     def _train_state(self) -> dict:
         return {"stage": self.cfg.stage, "scheduler": self.scheduler.state_dict(),
-                "sampler": self.loader.state_dict(), "config": self.cfg.to_dict()}
+                "sampler": self.loader.state_dict(), "config": self.cfg.to_dict(), "model": self.student.cfg.to_dict()}
 
     def save_checkpoint(self) -> str:
         return train_checkpoint.save(self.ckpt_root, self.step, unwrap(self.ddp), self.optimizer, self._train_state(),
@@ -296,3 +301,15 @@ class Trainer:
         if self.rank == 0 and tokenizer:
             shutil.copytree(tokenizer, os.path.join(directory, "tokenizer"))
         torch.distributed.barrier()
+
+
+def _first_difference(saved: dict, current: dict, prefix: str = "") -> str:
+    """'language.num_layers: 2 in the checkpoint, 4 here' for the first key where two config dicts differ."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a != b:
+                return _first_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            return f"{prefix}{key}: {a!r} in the checkpoint, {b!r} here"
+    return "same"

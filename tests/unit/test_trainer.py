@@ -225,3 +225,15 @@ def test_moe_backward_outside_the_schedule_does_not_break_later_training(engine_
     history = _trainer(base_recipe(p["root"], "d2s", p["sparse"], str(tmp_path / "run"), teacher=p["teacher"],
                                    schedule={"steps": 1})).train()
     assert history[0]["aux"] > 0 and math.isfinite(history[0]["loss"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(engine_setup, tmp_path):
+    """A stage re-run on a new student into an out/ that holds the old student's checkpoints must say so, not fail
+    deep in the checkpoint loader on a shape."""
+    p = engine_setup
+    out = str(tmp_path / "run")
+    _trainer(base_recipe(p["root"], "sft", p["student"], out, schedule={"steps": 1},
+                         checkpoint={"every": 1})).train()
+    with pytest.raises(ValueError, match=r"step_0000001 holds a checkpoint of another model \(language\."
+                                         r"moe_ffn_hidden_size: None in the checkpoint, 96 here\)"):
+        _trainer(base_recipe(p["root"], "sft", p["sparse"], out, schedule={"steps": 2})).train()
