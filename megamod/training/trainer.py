@@ -10,6 +10,7 @@ is written to `<out>/model`, the input of the next stage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -135,7 +136,7 @@ class Trainer:
         directory = train_checkpoint.find_resume(self.ckpt_root)
         if directory is None:
             return
-        model = self.student.cfg.to_dict()
+        model = json.loads(json.dumps(self.student.cfg.to_dict()))  # as saved: tuples become lists
         saved = train_checkpoint.read_state(directory).get("model", model)
         if saved != model:  # e.g. a stage re-run on a new student into the old run's out/
             raise ValueError(f"{directory} holds a checkpoint of another model ({_first_difference(saved, model)}): "

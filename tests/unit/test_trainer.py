@@ -234,6 +234,10 @@ def test_resume_refuses_a_checkpoint_of_another_model(engine_setup, tmp_path):
     out = str(tmp_path / "run")
     _trainer(base_recipe(p["root"], "sft", p["student"], out, schedule={"steps": 1},
                          checkpoint={"every": 1})).train()
-    with pytest.raises(ValueError, match=r"step_0000001 holds a checkpoint of another model \(language\."
+    # the same model resumes (its config survives the JSON round trip, tuples and all)
+    history = _trainer(base_recipe(p["root"], "sft", p["student"], out, schedule={"steps": 2},
+                                   checkpoint={"every": 1})).train()
+    assert [h["step"] for h in history] == [2]
+    with pytest.raises(ValueError, match=r"step_0000002 holds a checkpoint of another model \(language\."
                                          r"moe_ffn_hidden_size: None in the checkpoint, 96 here\)"):
         _trainer(base_recipe(p["root"], "sft", p["sparse"], out, schedule={"steps": 2})).train()
