@@ -220,10 +220,10 @@ class Demo:
                 ours = json.load(f)
             rows[split] = {**summary(r), **compare_predictions(ours["predictions"], r["predictions"])}
             print(f"transformers {split:17} {_fmt(rows[split])} | megamod accuracy {ours['accuracy']:.3f}, "
-                  f"max |score diff| {rows[split]['max_score_diff']:.2e}", flush=True)
-            if not rows[split]["reproduced"]:
-                raise RuntimeError(f"the HF export does not reproduce the student on {split}: {rows[split]}")
-        _dump(self.path("export", "scores.json"), rows)
+                  f"max |score diff| {rows[split]['max_score_diff']:.2e}, items over 1e-3: "
+                  f"{rows[split]['items_over_tol']}{'' if rows[split]['reproduced'] else '  NOT REPRODUCED'}",
+                  flush=True)
+        _dump(self.path("export", "scores.json"), rows)  # report.md's checks judge it, as they judge the scores
         return {}
 
     def stage_report(self) -> dict:
@@ -291,14 +291,16 @@ def compare_predictions(ours: list[dict], theirs: list[dict], tol: float = 1e-3)
     """Per-item scores of two implementations of one model: reproduced when every score agrees within `tol` and
     every choice agrees where megamod's margin between the best two classes exceeds twice the largest difference
     (a near-tie may fall either way under another summation order)."""
-    diff, flips = 0.0, 0
+    diff, flips, over = 0.0, 0, 0
     for a, b in zip(ours, theirs, strict=True):
-        diff = max(diff, max(abs(x - y) for x, y in zip(a["scores"], b["scores"], strict=True)))
+        item = max(abs(x - y) for x, y in zip(a["scores"], b["scores"], strict=True))
+        diff, over = max(diff, item), over + (item > tol)
     for a, b in zip(ours, theirs):
         top = sorted(a["scores"], reverse=True)
         if a["pred"] != b["pred"] and top[0] - top[1] > 2 * diff:
             flips += 1
-    return {"max_score_diff": diff, "confident_flips": flips, "reproduced": diff <= tol and flips == 0}
+    return {"max_score_diff": diff, "items_over_tol": over, "confident_flips": flips,
+            "reproduced": diff <= tol and flips == 0}
 
 
 def summary(result: dict) -> dict:

@@ -89,8 +89,10 @@ def _checks(scores: dict, export: dict | None) -> list[tuple[bool, str]]:
         same = all(export[s]["reproduced"] for s in CHANCE)
         diff = max(export[s]["max_score_diff"] for s in CHANCE)
         acc = all(export[s]["accuracy"] == pref[s]["accuracy"] for s in CHANCE)
+        over = sum(export[s].get("items_over_tol", 0) for s in CHANCE)
         out.append((same, f"the HF export, scored by stock transformers, reproduces the student: largest answer-logit "
-                          f"difference {diff:.1e}, accuracy {'identical' if acc else 'DIFFERENT'} on every split"))
+                          f"difference {diff:.1e} ({over} items over 1e-3), accuracy "
+                          f"{'identical' if acc else 'DIFFERENT'} on every split"))
     return out
 
 

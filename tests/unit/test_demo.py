@@ -96,7 +96,7 @@ def test_compare_predictions():
     flipped = [{"scores": [1.0, 0.0], "pred": "no"}, ours[1]]
     assert compare_predictions(ours, flipped)["confident_flips"] == 1
     far = [{"scores": [1.01, 0.0], "pred": "yes"}, ours[1]]
-    assert not compare_predictions(ours, far)["reproduced"]
+    assert not compare_predictions(ours, far)["reproduced"] and compare_predictions(ours, far)["items_over_tol"] == 1
 
 
 def test_read_metrics_keeps_last_of_repeated_steps(tmp_path):
