@@ -2,6 +2,7 @@
 
 Both are megatron-core's, with modules swapped through the spec (no patching):
 - the MoE layer is megamod's (`models.moe.MegamodMoELayer`: megamod's permute/unpermute kernels in the dispatcher);
+- in the local spec, core attention is megamod's SDPA one (`models.attention.SDPAttention`, fused, same layout);
 - in the local spec, megatron's torch norm refuses sequence parallelism, which MoE with TP > 1 requires, so
   megamod's norm allows it and marks its parameters so that megatron-core all-reduces their gradients across the
   tensor-parallel group.
@@ -58,8 +59,10 @@ def decoder_block_spec(config, use_te: bool, vp_stage=None):
     """Block spec for a GPT decoder (dense or with MoE layers, per config.moe_layer_freq)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from megamod.models.attention import SDPAttention
     from megamod.models.moe import MegamodMoELayer
 
     spec = get_gpt_decoder_block_spec(
@@ -67,5 +70,5 @@ def decoder_block_spec(config, use_te: bool, vp_stage=None):
     )
     modules = {MoELayer: MegamodMoELayer}
     if not use_te:
-        modules[WrappedTorchNorm] = SequenceParallelTorchNorm
+        modules.update({WrappedTorchNorm: SequenceParallelTorchNorm, DotProductAttention: SDPAttention})
     return _swap(spec, modules)

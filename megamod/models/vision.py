@@ -92,7 +92,6 @@ def vision_layer_spec(use_te: bool):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -102,6 +101,7 @@ def vision_layer_spec(use_te: bool):
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
 
         return get_vit_layer_with_transformer_engine_spec()
+    from megamod.models.attention import SDPAttention
     from megamod.models.specs import SequenceParallelTorchNorm
 
     return ModuleSpec(
@@ -112,7 +112,7 @@ def vision_layer_spec(use_te: bool):
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention, linear_proj=RowParallelLinear
+                    linear_qkv=ColumnParallelLinear, core_attention=SDPAttention, linear_proj=RowParallelLinear
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
