@@ -143,8 +143,18 @@ class FileDataset(torch.utils.data.Dataset):
             sample_id = None
         return BadSample(self.records.location(i), str(error), sample_id)
 
+    def _estimate_length(self, record) -> int:
+        """Positions the sample takes, roughly: words plus expanded images (as LLaVA's modality lengths); pairs
+        count the longer side. Only orders samples for length grouping, so no tokenising."""
+        def words(turns):
+            return sum(len(t.question.split()) + len(t.answer.split()) for t in turns)
+
+        text = words(record.turns) if self.kind == "conversations" else max(words(record.chosen),
+                                                                              words(record.rejected))
+        return text + len(record.images) * (self.num_image_tokens - 1)  # "<image>" is one of the words
+
     def _scan(self, check_image_files: bool) -> np.ndarray:
-        good, with_images = [], False
+        good, lengths, with_images = [], [], False
         for i in range(len(self.records)):
             try:
                 record = self._parse(i)
@@ -156,6 +166,7 @@ class FileDataset(torch.utils.data.Dataset):
                 continue
             with_images |= bool(record.images)
             good.append(i)
+            lengths.append(self._estimate_length(record))
         if with_images and self.tokenizer.token_to_id(IMAGE_TOKEN) is None:
             raise DataError(f"{self.path} has images but tokenizer {self.tokenizer.path} has no {IMAGE_TOKEN} token; "
                             f"add it with megamod.data.tokenizer.add_special_tokens (the model's embeddings need at "
@@ -165,6 +176,7 @@ class FileDataset(torch.utils.data.Dataset):
                             f"the full list, or pass on_bad_sample='skip' to leave them out)")
         if not good:
             raise DataError(f"{self.path}: no usable samples\n{self.report.summary(limit=10)}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # per usable sample, see _estimate_length
         return np.asarray(good, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -228,6 +240,10 @@ class MixedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self._offsets[-1]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([d.lengths for d in self.datasets])
 
     def __getitem__(self, i: int):
         source = bisect.bisect_right(self._offsets, i) - 1

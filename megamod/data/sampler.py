@@ -10,6 +10,11 @@ micro-batch size, every micro-batch holds the same samples whatever n is (micro-
 is micro-batch j // n of rank j % n), so per-micro-batch losses do not depend on the data-parallel layout. The ranks
 of one epoch see every drawn sample exactly once (the few wrapped ones twice when the epoch does not divide).
 
+Length grouping (`lengths` and `group_size`, the global batch): each window of `group_size` positions of the epoch's
+order is sorted by length, longest first, so every micro-batch holds samples of similar length and pads little. A
+step trains on the same samples as without it; only which of them share a micro-batch changes. Windows are cut from
+the epoch's start on the global order, so the order stays independent of the data-parallel size.
+
 The state is one number, `consumed`: positions of the global order already handed out (whole rounds).
 StatefulLoader advances it per batch delivered to the caller, not per batch prefetched, so its `state_dict()` saved
 with a checkpoint resumes on exactly the next sample, also at another data-parallel size. The state also records
@@ -37,7 +42,7 @@ def apportion(total: int, weights: list[float]) -> list[int]:
 class MixtureSampler(torch.utils.data.Sampler):
     def __init__(self, sizes: list[int], weights: list[float] | None = None, *, seed: int = 0, dp_rank: int = 0,
                  dp_size: int = 1, epoch_size: int | None = None, shuffle: bool = True, num_epochs: int | None = None,
-                 block_size: int = 1):
+                 block_size: int = 1, lengths=None, group_size: int | None = None):
         if not sizes or any(s < 0 for s in sizes):
             raise ValueError(f"sizes must be non-negative counts, got {sizes}")
         weights = list(sizes) if weights is None else list(weights)
@@ -55,6 +60,14 @@ class MixtureSampler(torch.utils.data.Sampler):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        if (lengths is None) != (group_size is None):
+            raise ValueError("length grouping needs both lengths (one per sample) and group_size")
+        if group_size is not None:
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if group_size < 1 or lengths.shape != (sum(sizes),):
+                raise ValueError(f"length grouping needs group_size >= 1 (got {group_size}) and one length per "
+                                 f"sample ({sum(sizes)}), got {lengths.shape[0]}")
+        self.lengths, self.group_size = lengths, group_size
         self.epoch_length = self._epoch_length(dp_size)
         self.offsets = np.cumsum([0] + self.sizes)[:-1]
         self.consumed = 0
@@ -81,6 +94,10 @@ class MixtureSampler(torch.utils.data.Sampler):
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, epoch, 2**31]).permutation(len(order))]
         order = np.concatenate([order, order[:self.epoch_length - len(order)]]).astype(np.int64)
+        if self.group_size:
+            for start in range(0, len(order), self.group_size):
+                window = order[start:start + self.group_size]
+                order[start:start + self.group_size] = window[np.argsort(-self.lengths[window], kind="stable")]
         self._cached = (epoch, order)
         return order
 
@@ -105,7 +122,7 @@ class MixtureSampler(torch.utils.data.Sampler):
 
     def _fingerprint(self) -> dict:
         return {"sizes": self.sizes, "weights": [float(w) for w in self.weights], "seed": self.seed,
-                "epoch_size": self.epoch_size, "shuffle": self.shuffle}
+                "epoch_size": self.epoch_size, "shuffle": self.shuffle, "group_size": self.group_size}
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "dp_size": self.dp_size, "block_size": self.block_size,

@@ -244,7 +244,7 @@ class Demo:
                   "conversations": {"path": os.path.join(self.data, "conversations.json")},
                   "pairs": {"path": os.path.join(self.data, "pairs.jsonl")}}[data]
         cfg = {"stage": stage, "student": self.path(previous), "out": self.path(name),
-               "data": {"train": [source], "max_length": 512},
+               "data": {"train": [source], "max_length": 512, "group_by_length": True},
                "parallel": {"tp": run.tp, "ep": run.ep},
                "optim": {"lr": run.lr, "min_lr": run.lr / 10, "warmup_fraction": 0.05,
                          "weight_decay": run.weight_decay},

@@ -33,6 +33,7 @@ class DataConfig:
     on_bad_sample: str = "error"  # or "skip" (every skipped sample is reported)
     seed: int = 0
     epoch_size: int | None = None  # samples per epoch; default: every sample of every source once
+    group_by_length: bool = False  # sort each global batch by length into micro-batches (less padding)
 
 
 @dataclass

@@ -109,7 +109,9 @@ class Trainer:
         dataset = MixedDataset(datasets)
         self.sampler = MixtureSampler(dataset.sizes, [s.weight for s in d.train], seed=d.seed, dp_rank=self.dp_rank,
                                       dp_size=self.dp, epoch_size=d.epoch_size,
-                                      block_size=cfg.schedule.micro_batch_size)
+                                      block_size=cfg.schedule.micro_batch_size,
+                                      lengths=dataset.lengths if d.group_by_length else None,
+                                      group_size=cfg.schedule.global_batch_size if d.group_by_length else None)
         collator = build_collator(self.student, tok, self.cfg.parallel.tp
                                   if self.student.model.config.sequence_parallel else 1)
         s = cfg.schedule
@@ -162,9 +164,11 @@ class Trainer:
                 mb = dataclasses.replace(mb, cached=self.teacher_cache.for_micro_batch(rows.sample_ids,
                                                                                        rows.locations, mb))
             mbs.append(mb)
-        length = max(mb.seq_length for mb in mbs)
+        if self.cfg.parallel.pp > 1:  # pipeline stages exchange activations of one shape per step
+            length = max(mb.seq_length for mb in mbs)
+            mbs = [pad_to(mb, length, self.tokenizer.pad_id) for mb in mbs]
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        return [pad_to(mb, length, self.tokenizer.pad_id).to(device) for mb in mbs]
+        return [mb.to(device) for mb in mbs]
 
     def _report_keys(self) -> list[str]:
         keys = ["loss", *sorted(self.objective.weights)]

@@ -239,3 +239,23 @@ def test_mixture_of_files_through_worker_processes(env):
     assert loader.state_dict()["consumed"] == 16 and len(loader.report) == 1
     clone = pickle.loads(pickle.dumps(mixed))  # spawn-started workers get the dataset this way
     assert clone[0].sample_id == "f0" and torch.equal(clone[0].images, mixed[0].images)
+
+
+def test_length_estimates_follow_words_and_expanded_images(env):
+    rows = [conv("short", "a.png", "<image>\nWhat color?", "Red."),
+            conv("text", None, "How many sides does a triangle have, all in all?", "Three sides."),
+            conv("multi", ["a.png", "b.png"], "<image>\nLeft?", "Red.", "<image>\nAnd right?", "Blue, I think.")]
+    path = write_jsonl(os.path.join(env["dir"], "lengths.jsonl"), rows)
+    ds = dataset(env, path, num_image_tokens=5)
+    # words ("<image>" is one) plus 4 more positions per image: 4 + 4; 12; 9 + 2 x 4
+    assert ds.lengths.tolist() == [8, 12, 17]
+    collator = Collator(env["tok"].token_to_id("<image>"), env["tok"].pad_id, num_image_tokens=5)
+    expanded = [collator.expanded_length(ds.text_item(k)[1]) for k in range(3)]
+    assert np.argsort(ds.lengths).tolist() == np.argsort(expanded).tolist()  # orders as the model's positions do
+    pairs = write_jsonl(os.path.join(env["dir"], "pair_lengths.jsonl"),
+                        [{"id": "p", "image": "a.png", "question": "What color?", "chosen": "Red.",
+                          "rejected": "A deep blue, surely."}])
+    # the longer side counts: "<image>\nWhat color?" (3 words) + the rejected answer (4) + the image's 4 more
+    pair_ds = dataset(env, pairs, kind="pairs", num_image_tokens=5)
+    assert pair_ds.lengths.tolist() == [3 + 4 + 4]
+    assert MixedDataset([ds, pair_ds]).lengths.tolist() == [8, 12, 17, 11]

@@ -146,3 +146,32 @@ def test_blocks_keep_micro_batches_whole_across_data_parallel_sizes():
     # micro-batch j of one process is micro-batch j // 2 of rank j % 2 (epochs padded to 16 positions)
     assert micro(single)[:6] == [m for pair in zip(micro(ranks[0]), micro(ranks[1])) for m in pair][:6]
     assert len(single) == 14 and len(ranks[0]) == 8
+
+
+def test_length_grouping_sorts_each_global_batch_and_keeps_its_samples():
+    lengths = np.random.default_rng(0).integers(1, 500, size=40)
+    kw = dict(seed=3, block_size=2, num_epochs=1)
+    plain = list(MixtureSampler([40], **kw))
+    grouped = list(MixtureSampler([40], lengths=lengths, group_size=8, **kw))
+    for start in range(0, 40, 8):  # same samples per step, longest first within it
+        window = grouped[start:start + 8]
+        assert sorted(window) == sorted(plain[start:start + 8])
+        assert list(lengths[window]) == sorted(lengths[window], reverse=True)
+    pad = lambda xs: sum(2 * max(lengths[xs[i:i + 2]]) for i in range(0, 40, 2))  # noqa: E731
+    assert pad(grouped) < pad(plain)
+    # two data-parallel ranks: micro-batch j of one process is micro-batch j // 2 of rank j % 2, as without grouping
+    ranks = [list(MixtureSampler([40], dp_rank=r, dp_size=2, lengths=lengths, group_size=8, **kw)) for r in range(2)]
+    micro = lambda xs: [xs[i:i + 2] for i in range(0, len(xs), 2)]  # noqa: E731
+    assert micro(grouped) == [m for pair in zip(micro(ranks[0]), micro(ranks[1])) for m in pair]
+
+
+def test_length_grouping_is_part_of_the_resumable_state():
+    lengths = np.arange(10)
+    grouped = MixtureSampler([10], lengths=lengths, group_size=4)
+    with pytest.raises(ValueError, match="group_size"):
+        MixtureSampler([10]).load_state_dict(grouped.state_dict())
+    MixtureSampler([10], lengths=lengths, group_size=4).load_state_dict(grouped.state_dict())
+    with pytest.raises(ValueError, match="one length per sample"):
+        MixtureSampler([10], lengths=lengths[:9], group_size=4)
+    with pytest.raises(ValueError, match="both lengths"):
+        MixtureSampler([10], lengths=lengths)

@@ -241,3 +241,21 @@ def test_resume_refuses_a_checkpoint_of_another_model(engine_setup, tmp_path):
     with pytest.raises(ValueError, match=r"step_0000002 holds a checkpoint of another model \(language\."
                                          r"moe_ffn_hidden_size: None in the checkpoint, 96 here\)"):
         _trainer(base_recipe(p["root"], "sft", p["sparse"], out, schedule={"steps": 2})).train()
+
+
+def test_length_grouping_regroups_a_step_and_pads_each_micro_batch_to_its_own_longest(engine_setup, tmp_path):
+    p = engine_setup
+
+    def first_step(name, **data):
+        trainer = _trainer(base_recipe(p["root"], "sft", p["student"], str(tmp_path / name), data=data,
+                                       schedule={"global_batch_size": 8, "micro_batch_size": 2, "steps": 1}))
+        mbs = trainer._micro_batches(iter(trainer.loader))
+        rows = sorted(tuple(mb.tokens[b][~mb.padding[b]].tolist()) for mb in mbs for b in range(2))
+        return mbs, rows
+
+    plain, plain_rows = first_step("plain")
+    grouped, grouped_rows = first_step("grouped", group_by_length=True)
+    assert grouped_rows == plain_rows  # the same samples in the step
+    longest = [int((~mb.padding).sum(1).max()) for mb in grouped]
+    assert [mb.seq_length for mb in grouped] == longest  # no micro-batch padded to another's length (PP=1)
+    assert sum(longest) < sum(mb.seq_length for mb in plain)  # similar lengths share a micro-batch
