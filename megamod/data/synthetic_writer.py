@@ -8,6 +8,9 @@
     conversations.json  instruction data (llava_mod / chatml templates), LLaVA JSON list, 1-3 turns per image
                         (colour, count, position, existence, description, A/B/C/D questions) plus ~5 % text-only
                         samples without "image"
+    conversations_single.json
+                        the conversations of the train images with a single object, for a curriculum: a small
+                        model learns to read the image tokens there first (nothing to pick among)
     pairs.jsonl         preference pairs, RLAIF-V field names: {"id", "image", "question", "chosen", "rejected"};
                         the rejected answer hallucinates a colour, count, position or object
     eval/pope_random.jsonl, eval/pope_adversarial.jsonl
@@ -158,7 +161,7 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
     eval_size = max(10, size // 10) if eval_size is None else eval_size
     for d in ("images/train", "images/eval", "eval", "tokenizer"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
-    scenes, captions, conversations, pairs = [], [], [], []
+    scenes, captions, conversations, pairs, single = [], [], [], [], []
     pope = {"random": [], "adversarial": []}
     mmbench, captions_eval = [], []
     jobs = [("train", i) for i in range(size)] + [("eval", i) for i in range(eval_size)]
@@ -172,6 +175,8 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
             captions.append(caption)
             conversations.append(conversation)
             pairs.append(pair)
+            if len(scene.objects) == 1:
+                single.append(conversation)
             continue
         for kind in ("random", "adversarial"):
             for color, shape, label in _pope(scene, rng, kind == "adversarial"):
@@ -191,6 +196,7 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
     _dump_jsonl(os.path.join(out, "scenes.jsonl"), scenes)
     _dump_json(os.path.join(out, "captions.json"), captions)
     _dump_json(os.path.join(out, "conversations.json"), conversations)
+    _dump_json(os.path.join(out, "conversations_single.json"), single)
     _dump_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
     for kind, rows in pope.items():
         _dump_jsonl(os.path.join(out, "eval", f"pope_{kind}.jsonl"), rows)
@@ -206,7 +212,8 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
     info = {"seed": seed, "size": size, "eval_size": eval_size, "image_size": syn.IMAGE_SIZE, "mix": mix,
             "turns": list(turns),
             "counts": {"images": len(scenes), "captions.json": len(captions),
-                       "conversations.json": len(conversations), "pairs.jsonl": len(pairs),
+                       "conversations.json": len(conversations), "conversations_single.json": len(single),
+                       "pairs.jsonl": len(pairs),
                        "eval/pope_random.jsonl": len(pope["random"]),
                        "eval/pope_adversarial.jsonl": len(pope["adversarial"]), "eval/mmbench.jsonl": len(mmbench),
                        "eval/captions.jsonl": len(captions_eval)}}

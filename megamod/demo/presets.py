@@ -57,9 +57,11 @@ FULL = Preset(
     experts=4, topk=2,
     stages={
         "teacher_align": StageRun(50, 32, 16, 1e-3),
-        # The grounding (which object is in which image token) appears only after ~600-800 steps: weight decay
-        # shortens that plateau (measured: single-turn existence data escapes chance at ~800 steps instead of ~1400).
-        "teacher_sft": StageRun(1000, 32, 16, 3e-3, weight_decay=0.1),
+        # The grounding (which object is in which image token) appears only after a plateau at chance: single-object
+        # scenes first shorten it (pipeline.py); weight decay shortens it too (single-turn existence data: ~800
+        # steps instead of ~1400).
+        "teacher_single": StageRun(650, 32, 16, 3e-3, weight_decay=0.1),
+        "teacher_sft": StageRun(350, 32, 16, 3e-3, weight_decay=0.1),
         "student_align": StageRun(30, 32, 16, 1e-4),
         "d2d": StageRun(100, 32, 8, 1e-3, tp=2, ranks=2),
         "d2s": StageRun(100, 32, 8, 5e-4, ep=2, ranks=2),
@@ -75,6 +77,7 @@ TINY = Preset(
     experts=4, topk=2,
     stages={
         "teacher_align": StageRun(2, 4, 2, 1e-3),
+        "teacher_single": StageRun(2, 4, 2, 1e-3),
         "teacher_sft": StageRun(3, 4, 2, 1e-3),
         "student_align": StageRun(2, 4, 2, 1e-3),
         "d2d": StageRun(2, 4, 2, 1e-3, tp=2, ranks=2),

@@ -86,12 +86,15 @@ def _checks(scores: dict, export: dict | None) -> list[tuple[bool, str]]:
         out.append((b < th, f"final student hallucinates less than its teacher on {split}: {_pct(b)} % vs "
                             f"{_pct(th)} %"))
     if export is not None:
+        from megamod.demo.pipeline import EXPORT_TOL
+
         same = all(export[s]["reproduced"] for s in CHANCE)
         diff = max(export[s]["max_score_diff"] for s in CHANCE)
         acc = all(export[s]["accuracy"] == pref[s]["accuracy"] for s in CHANCE)
         over = sum(export[s].get("items_over_tol", 0) for s in CHANCE)
+        tol = max(export[s].get("tol", EXPORT_TOL) for s in CHANCE)
         out.append((same, f"the HF export, scored by stock transformers, reproduces the student: largest answer-logit "
-                          f"difference {diff:.1e} ({over} items over 1e-3), accuracy "
+                          f"difference {diff:.1e} ({over} items over {tol:g}), accuracy "
                           f"{'identical' if acc else 'DIFFERENT'} on every split"))
     return out
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megamod import checkpoint
-from megamod.models.factory import build_model, config_from_dict
+from megamod.models.factory import build_model, read_model
 from megamod.models.language import LanguageModelConfig
 from megamod.models.llava import LlavaConfig
 
@@ -42,11 +42,8 @@ class LoadedModel:
 
 def load(ckpt: str, params_dtype: torch.dtype, sequence_parallel: bool = False) -> LoadedModel:
     """Build this rank's slice and fill every weight from `ckpt` (a missing or unused tensor is an error)."""
-    meta = checkpoint.read_metadata(ckpt)
-    if meta.get("kind") not in ("language", "llava"):
-        raise ValueError(f"{ckpt}: checkpoint kind {meta.get('kind')!r} is not a model (language or llava)")
-    cfg = config_from_dict(meta["kind"], meta["model"])
-    model = build_model(cfg, meta["kind"], params_dtype, sequence_parallel)
+    meta, kind, _, cfg, _ = read_model(ckpt, "loaded as a model (language or llava)")
+    model = build_model(cfg, kind, params_dtype, sequence_parallel)
     checkpoint.load_model(model, ckpt)
     return LoadedModel(model, meta, cfg)
 

@@ -50,7 +50,7 @@ def _digests(directory):
 
 def test_same_seed_same_bytes_other_seed_other_bytes(data):
     a, b, c = (_digests(data / n) for n in "abc")
-    assert len(a) == 40 + 12 + 11 and a == b  # images + 11 data, eval, tokenizer, info files
+    assert len(a) == 40 + 12 + 12 and a == b  # images + 12 data, eval, tokenizer, info files
     assert set(a) == set(c)
     differ = {k for k in a if a[k] != c[k]}
     assert differ >= {"captions.json", "conversations.json", "pairs.jsonl", "scenes.jsonl",
@@ -156,6 +156,14 @@ def test_conversations_and_captions_are_true(loaded):
                     assert claims(question, a["value"]) == truth(question, scene), (question, a["value"])
                     checked[question.split()[0]] += 1
     assert checked["text-only"] == 2 and checked["mcq"] > 0 and len(checked) >= 6
+
+
+def test_single_object_conversations_are_exactly_those_of_one_object_scenes(loaded):
+    d, scenes, _ = loaded
+    everything = json.loads((d / "conversations.json").read_text())
+    single = json.loads((d / "conversations_single.json").read_text())
+    wanted = [s for s in everything if "image" in s and len(scenes[s["image"]]["objects"]) == 1]
+    assert single == wanted and 0 < len(single) < len(everything)
 
 
 def test_preference_pairs_chosen_true_rejected_false(loaded):

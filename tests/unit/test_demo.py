@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ from megamod.demo.pipeline import MODELS, ORDER, TRAINING, compare_predictions
 from megamod.demo.report import read_metrics
 from tests.helpers import REPO
 
-PREVIOUS = {"teacher_align": "init/teacher", "teacher_sft": "teacher_align/model", "student_align": "prune/model",
-            "d2d": "student_align/model", "d2s": "upcycle/model", "preference": "d2s/model"}
+PREVIOUS = {"teacher_align": "init/teacher", "teacher_single": "teacher_align/model",
+            "teacher_sft": "teacher_single/model", "student_align": "prune/model", "d2d": "student_align/model",
+            "d2s": "upcycle/model", "preference": "d2s/model"}
 
 
 def _run_demo(out, log):
@@ -48,12 +50,14 @@ def test_stages_ran_in_order_and_chain(demo_run):
         assert [r["step"] for r in rows] == list(range(1, recipe["schedule"]["steps"] + 1))
         assert all(np.isfinite(r["loss"]) for r in rows)
     assert yaml.safe_load((run / "recipes" / "d2d.yaml").read_text())["parallel"]["tp"] == 2
+    single = yaml.safe_load((run / "recipes" / "teacher_single.yaml").read_text())["data"]["train"]
+    assert [os.path.basename(s["path"]) for s in single] == ["conversations_single.json"]  # the curriculum
     assert yaml.safe_load((run / "recipes" / "d2s.yaml").read_text())["parallel"]["ep"] == 2
     experts = {n: json.loads((run / n / "model" / "megamod.json").read_text())["model"]["language"]["num_experts"]
                for n in ("d2d", "upcycle", "d2s", "preference")}
     assert experts == {"d2d": None, "upcycle": 4, "d2s": 4, "preference": 4}
     # the teacher starts from the pre-trained vision tower (the paper's CLIP); the student is the trained teacher
-    # with fewer layers, so it shares that tower
+    # with narrower MLPs, so it shares that tower
     assert json.loads((run / "init" / "teacher" / "megamod.json").read_text())["source"]["vision"] == \
         str(run / "vision" / "tower.pt")
     pruned = json.loads((run / "prune" / "model" / "megamod.json").read_text())
