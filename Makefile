@@ -29,6 +29,7 @@ bench: setup
 		--repeats 10 --json $(BENCH_OUT)/permute.json
 	$(VPY) tools/bench/moe_layer.py --device cpu --repeats 10 --json $(BENCH_OUT)/moe_layer.json
 	$(VPY) tools/bench/distill_step.py --device cpu --preset cpu --json $(BENCH_OUT)/distill_step.json
+	$(VPY) tools/bench/attention.py --device cpu --json $(BENCH_OUT)/attention.json
 
 # The GPU tier on a CUDA machine without internet (tools/gpu_check.sh): MEGAMOD_WHEELS=DIR carries megatron-core.
 gpu-check:

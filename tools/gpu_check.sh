@@ -75,7 +75,7 @@ step "tests (${PYTEST[*]})" gpu_tests
 TESTS=$(tail -n 1 "$OUT/pytest.log" 2>/dev/null | tr -d '=' | sed 's/^ *//; s/ *$//')
 
 JSONS=()
-for bench in permute moe_layer distill_step; do
+for bench in permute moe_layer distill_step attention; do
     step "$bench" "$PYTHON" tools/bench/$bench.py --device cuda --json "$OUT/$bench.json" && JSONS+=("$OUT/$bench.json")
 done
 

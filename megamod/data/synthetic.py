@@ -85,6 +85,10 @@ class Scene:
     def absent(self) -> list[tuple[str, str]]:
         return [(c, s) for c in COLORS for s in SHAPES if not self.has(c, s)]
 
+    def confusable(self) -> list[tuple[str, str]]:
+        """Absent objects that share a colour or a shape with one in the scene (POPE's adversarial negatives)."""
+        return [(c, s) for c, s in self.absent() if any(c == o.color or s == o.shape for o in self.objects)]
+
 
 def make_scene(rng: random.Random, image: str) -> Scene:
     cell = IMAGE_SIZE // GRID
@@ -198,10 +202,12 @@ QUESTIONS = (q_color, q_count, q_position, q_exist, q_describe)
 
 
 def preference(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    """(question, chosen, rejected): chosen is true; rejected mentions a colour, count, position or object that the
-    image does not have (a hallucination), or, for a quarter of the existence questions, denies an object it has (so
-    that preferring the pairs does not simply teach answering "no")."""
-    kind = rng.choice(("color", "exist", "position", "count", "describe"))
+    """(question, chosen, rejected): chosen is true, rejected is not. Half are existence questions, the
+    hallucination POPE measures: 60 % about an absent object that shares a colour or a shape with one the image has
+    (the objects a model confuses; rejected claims it), 40 % about an object it has (rejected denies it, so that
+    preferring the pairs is not a lesson in answering "no"). The rest: a wrong colour, count, position, or an
+    invented object in a description."""
+    kind = "exist" if rng.random() < 0.5 else rng.choice(("color", "position", "count", "describe"))
     o = rng.choice(scene.objects)
     if kind == "color" and scene.count(o.shape) == 1:
         wrong = rng.choice([c for c in COLORS if c != o.color])
@@ -210,7 +216,7 @@ def preference(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
         if rng.random() < 0.4:
             return exist_question(o.color, o.shape), exist_answer(o.color, o.shape, True), \
                 exist_answer(o.color, o.shape, False)
-        color, shape = rng.choice(scene.absent())
+        color, shape = rng.choice(scene.confusable())
         return exist_question(color, shape), exist_answer(color, shape, False), exist_answer(color, shape, True)
     if kind == "count" and scene.count(o.shape) < 4:
         n = scene.count(o.shape)

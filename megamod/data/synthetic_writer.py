@@ -21,9 +21,9 @@
                         "image"}
     eval/captions.jsonl held-out images, LLaVA question lines {"question_id", "image", "text": "Describe the image.",
                         "answer": the reference description}
-    tokenizer/          byte-level BPE trained on all the text (Qwen2 pre-tokenizer and NFC; specials <|endoftext|>,
-                        <|im_start|>, <|im_end|>, <image>, <|pad|>): tokenizer.json + tokenizer_config.json
-                        (transformers' AutoTokenizer loads it as Qwen2Tokenizer)
+    tokenizer/          byte-level BPE trained on all the text but the pairs' (Qwen2 pre-tokenizer and NFC; specials
+                        <|endoftext|>, <|im_start|>, <|im_end|>, <image>, <|pad|>): tokenizer.json +
+                        tokenizer_config.json (transformers' AutoTokenizer loads it as Qwen2Tokenizer)
     info.json           seed, sizes and file counts
 Same seed -> the same bytes in every file.
 """
@@ -91,7 +91,7 @@ def _pope(scene: syn.Scene, rng: random.Random, adversarial: bool) -> list[tuple
     positives = rng.sample(present, k)
     absent = scene.absent()
     if adversarial:  # negatives that share a shape or a colour with something in the image
-        near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+        near = scene.confusable()
         absent = near if len(near) >= k else absent
     negatives = rng.sample(absent, k)
     items = [(c, s, "yes") for c, s in positives] + [(c, s, "no") for c, s in negatives]
@@ -206,7 +206,9 @@ def write_dataset(out: str, size: int = 2000, seed: int = 0, eval_size: int | No
     templates = [VICUNA_SYSTEM + " USER: ASSISTANT:", f"system\n{QWEN_SYSTEM}", "user\n", "assistant\n",
                  syn.MCQ_SUFFIX, "A. B. C. D."]
     # Repeated so that the template words become tokens even in a tiny data set (BPE min_frequency 2).
-    texts = templates * 10 + _texts(captions + conversations + pairs + pope["random"] + mmbench)
+    # Not the preference pairs: they reuse the conversations' words, and a change to them should not move every
+    # token id (and with them the teacher's initialisation).
+    texts = templates * 10 + _texts(captions + conversations + pope["random"] + mmbench)
     train_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size)
 
     info = {"seed": seed, "size": size, "eval_size": eval_size, "image_size": syn.IMAGE_SIZE, "mix": mix,

@@ -3,8 +3,8 @@
 Both follow LLaVA-MoD's shapes at a small scale: teacher and student share one vision tower (the paper's CLIP), the
 student's language model is smaller than the teacher's and is upcycled to `experts` experts, top-`topk`, on every
 other layer. The student is the trained teacher with narrower MLPs (`student_prune`: `megamod prune` arguments), a
-stand-in for the paper's separately pre-trained small LLM (see pipeline.py). Per training stage: steps, global batch, micro-batch, learning
-rate, weight decay, and the parallel layout.
+stand-in for the paper's separately pre-trained small LLM (see pipeline.py). Per training stage: steps, global batch,
+micro-batch, learning rate, weight decay, and the parallel layout.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ FULL = Preset(
         "student_align": StageRun(30, 32, 16, 1e-4),
         "d2d": StageRun(100, 32, 8, 1e-3, tp=2, ranks=2),
         "d2s": StageRun(100, 32, 8, 5e-4, ep=2, ranks=2),
-        "preference": StageRun(60, 32, 8, 2e-4, ep=2, ranks=2),
+        "preference": StageRun(60, 32, 8, 5e-4, ep=2, ranks=2),
     })
 
 TINY = Preset(

@@ -68,6 +68,17 @@ def test_distill_step(monkeypatch, tmp_path, capsys):
     assert math.isfinite(c["d2s_loss"]) and c["d2s_loss"] > 0  # KD + CE of the last d2s step
 
 
+@cpu_only
+def test_attention(monkeypatch, tmp_path, capsys):
+    res = run("attention", ["--batch", "2", "--seq", "16", "--heads", "4", "--groups", "2", "--head-dim", "8"],
+              monkeypatch, tmp_path, capsys)
+    assert [r["attention"] for r in res["rows"]] == ["megatron-core DotProductAttention", "megamod SDPA"]
+    for row in res["rows"]:
+        assert positive(row, "forward_ms", "backward_ms", "total_ms", "speedup", "tflops")
+    diff = float(res["notes"][0].rsplit(" ", 1)[1])
+    assert diff < 1e-5  # the two modules compute the same attention
+
+
 def test_bad_sizes_are_refused(monkeypatch):
     permute = bench("permute", monkeypatch)
     with pytest.raises(SystemExit):

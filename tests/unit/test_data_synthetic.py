@@ -177,7 +177,10 @@ def test_preference_pairs_chosen_true_rejected_false(loaded):
         kinds[q.split()[0]] += 1
         if q.startswith("Is there"):
             kinds["chosen " + pair["chosen"].split(",")[0]] += 1
-    assert kinds["Is"] == kinds["chosen Yes"] + kinds["chosen No"]
+            color, shape = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
+            if pair["chosen"].startswith("No"):  # absent, but confusable with an object the image has
+                assert any(color == c or shape == s for c, s in _objects(scene)), (q, scene)
+    assert kinds["Is"] == kinds["chosen Yes"] + kinds["chosen No"] and kinds["Is"] >= 12  # half the pairs
     assert kinds["chosen Yes"] > 0 and kinds["chosen No"] > 0  # not a lesson in answering "no"
     assert sum(kinds[k] for k in kinds if not k.startswith("chosen")) == 40 and len(kinds) >= 6
 

@@ -20,8 +20,9 @@ def test_dry_run_lists_the_steps(tmp_path):
     steps = [line.split("] ", 1)[1].split(":", 1)[0] for line in result.stdout.splitlines() if line.startswith("== [")]
     assert steps[:4] == ["preflight", "imports", "build", "extension"]
     assert steps[4].startswith("tests (python-with-cuda -m pytest tests/gpu")
-    assert steps[5:] == ["permute", "moe_layer", "distill_step", "report", "(dry run) done; results in " + str(out)]
-    for bench in ("permute", "moe_layer", "distill_step"):
+    assert steps[5:] == ["permute", "moe_layer", "distill_step", "attention", "report",
+                         "(dry run) done; results in " + str(out)]
+    for bench in ("permute", "moe_layer", "distill_step", "attention"):
         assert f"python-with-cuda tools/bench/{bench}.py --device cuda --json {out}/{bench}.json" in result.stdout
     assert "--append docs/PERF.md" in result.stdout and "setup.py build_ext --inplace" in result.stdout
     assert not out.exists()  # nothing ran, nothing was written
