@@ -11,8 +11,6 @@ a Qwen1.5-1.8B-like layer (b=4, s=2048, 16 heads of 128, bf16).
     python tools/bench/attention.py [--device cuda] [--batch 4 --seq 2048 --heads 16 --groups 16 --head-dim 128]
                                     [--dtype bfloat16] [--warmup 3] [--repeats 20] [--json out.json]
 """
-import argparse
-
 import torch
 
 import benchlib
@@ -77,19 +75,8 @@ def run(a, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("batch", "seq", "heads", "groups", "head-dim"):
-        parser.add_argument(f"--{name}", type=int)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", help="also write the result to this JSON file")
-    a = parser.parse_args(argv)
-    device = benchlib.parse_device(a.device)
-    for key, value in DEFAULTS[device.type].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
+    sizes = ("batch", "seq", "heads", "groups", "head-dim")
+    a, device = benchlib.parse_sized_args(__doc__.splitlines()[0], sizes, DEFAULTS, argv)
     if min(a.batch, a.seq, a.heads, a.groups, a.head_dim) < 1 or a.heads % a.groups:
         raise SystemExit(f"sizes must be positive, heads a multiple of groups: {vars(a)}")
     if device.type == "cpu" and torch.cuda.is_available():

@@ -78,6 +78,28 @@ def moe_aux_loss_scale(device: torch.device):
         MoEAuxLossAutoScaler.main_loss_backward_scale = before
 
 
+def parse_sized_args(description: str, sizes: tuple, defaults: dict, argv=None):
+    """The arguments of a benchmark that compares two modules at one size: --device, one int option per name in
+    `sizes` ("head-dim" -> a.head_dim), --dtype, --warmup, --repeats, --json; options left out take the device's
+    `defaults`. Returns (args, device)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for name in sizes:
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    a = parser.parse_args(argv)
+    device = parse_device(a.device)
+    for key, value in defaults[device.type].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    return a, device
+
+
 def parse_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type not in ("cpu", "cuda"):

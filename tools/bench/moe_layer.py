@@ -15,8 +15,6 @@ the computation, not of the communication.
     python tools/bench/moe_layer.py [--device cuda] [--tokens 4096 --hidden 4096 --ffn 14336 --experts 8 --topk 2]
                                     [--dtype bfloat16] [--warmup 3] [--repeats 20] [--json out.json]
 """
-import argparse
-
 import torch
 
 import benchlib
@@ -83,19 +81,8 @@ def run(a, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("tokens", "hidden", "ffn", "experts", "topk"):
-        parser.add_argument(f"--{name}", type=int)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", help="also write the result to this JSON file")
-    a = parser.parse_args(argv)
-    device = benchlib.parse_device(a.device)
-    for key, value in DEFAULTS[device.type].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
+    sizes = ("tokens", "hidden", "ffn", "experts", "topk")
+    a, device = benchlib.parse_sized_args(__doc__.splitlines()[0], sizes, DEFAULTS, argv)
     if min(a.tokens, a.hidden, a.ffn, a.experts, a.topk) < 1 or a.topk > a.experts:
         raise SystemExit(f"sizes must be positive with topk <= experts: {vars(a)}")
     if device.type == "cpu" and torch.cuda.is_available():
