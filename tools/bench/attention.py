@@ -54,19 +54,12 @@ def run(a, device):
     grad = torch.randn(a.seq, a.batch, a.heads * a.head_dim, generator=gen).to(device, dtype)
     with torch.no_grad():
         max_diff = (ours(q, k, v, None).float() - theirs(q, k, v, None).float()).abs().max().item()
-    outputs, fns = {}, {}
-    for name, module in (("megamod", ours), ("megatron", theirs)):
-        def forward(name=name, module=module):
-            outputs[name] = module(q, k, v, None)
-
-        def backward(name=name):
-            outputs.pop(name).backward(grad)
-
-        fns[f"{name}/forward"], fns[f"{name}/backward"] = forward, backward
-    median = benchlib.median_seconds(fns, device, a.warmup, a.repeats)
+    times = benchlib.forward_backward_seconds({"megamod": lambda: ours(q, k, v, None),
+                                               "megatron": lambda: theirs(q, k, v, None)},
+                                              grad, device, a.warmup, a.repeats)
     rows = []
     for name, label in (("megatron", "megatron-core DotProductAttention"), ("megamod", "megamod SDPA")):
-        f, b = median[f"{name}/forward"], median[f"{name}/backward"]
+        f, b = times[name]
         rows.append(dict(attention=label, forward_ms=f * 1e3, backward_ms=b * 1e3, total_ms=(f + b) * 1e3,
                          tflops=causal_flops(a) / (f + b) / 1e12))
     for row in rows:

@@ -63,6 +63,23 @@ def median_seconds(fns: dict, device: torch.device, warmup: int, repeats: int) -
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def forward_backward_seconds(calls: dict, grad: torch.Tensor, device: torch.device, warmup: int,
+                             repeats: int) -> dict:
+    """Median (forward, backward) seconds of each of `calls` (name -> function returning the output that `grad`
+    flows back into), timed taking turns as median_seconds does."""
+    outputs, fns = {}, {}
+    for name, call in calls.items():
+        def forward(name=name, call=call):
+            outputs[name] = call()
+
+        def backward(name=name):
+            outputs.pop(name).backward(grad)
+
+        fns[f"{name}/forward"], fns[f"{name}/backward"] = forward, backward
+    median = median_seconds(fns, device, warmup, repeats)
+    return {name: (median[f"{name}/forward"], median[f"{name}/backward"]) for name in calls}
+
+
 @contextlib.contextmanager
 def moe_aux_loss_scale(device: torch.device):
     """megatron-core keeps the MoE aux-loss gradient scale in one process-wide tensor: a backward outside its

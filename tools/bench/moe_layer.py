@@ -58,21 +58,13 @@ def run(a, device):
     grad_SBH = torch.randn(a.tokens, 1, a.hidden, generator=gen).to(device, dtype)
     with torch.no_grad():
         max_diff = (ours(x_SBH)[0].float() - theirs(x_SBH)[0].float()).abs().max().item()
-    outputs = {}
-    fns = {}
-    for name, layer in (("megamod", ours), ("megatron", theirs)):
-        def forward(name=name, layer=layer):
-            outputs[name] = layer(x_SBH)[0]
-
-        def backward(name=name):
-            outputs.pop(name).backward(grad_SBH)
-
-        fns[f"{name}/forward"], fns[f"{name}/backward"] = forward, backward
-    median = benchlib.median_seconds(fns, device, a.warmup, a.repeats)
+    times = benchlib.forward_backward_seconds({"megamod": lambda: ours(x_SBH)[0],
+                                               "megatron": lambda: theirs(x_SBH)[0]},
+                                              grad_SBH, device, a.warmup, a.repeats)
     flops = expert_forward_flops(a)
     rows = []
     for name, label in (("megatron", "megatron-core MoELayer"), ("megamod", "megamod MoE layer")):
-        f, b = median[f"{name}/forward"], median[f"{name}/backward"]
+        f, b = times[name]
         rows.append(dict(layer=label, forward_ms=f * 1e3, backward_ms=b * 1e3, total_ms=(f + b) * 1e3,
                          forward_tflops=flops / f / 1e12, backward_tflops=2 * flops / b / 1e12))
     for row in rows:
