@@ -108,6 +108,13 @@ def _use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("MEGAMOD_FORCE_CPU", "0") != "1"
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live for a collective on the default group: NCCL reduces device tensors only."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_s: int = 600) -> LaunchEnv:
     """Start torch.distributed and Megatron's parallel state; seed every rank identically.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamod.models.language import LanguageModelConfig
-from megamod.training.metrics import language_forward_flops_per_token
+from megamod.training.flops import causal_pairs, language_flops
 
 TRAINS = {"sft": "language", "d2d": "language", "d2s": "ffn", "preference": "ffn", "align": "none"}
 
@@ -140,11 +140,15 @@ def _stage_memory(student, lay, trains, teacher, cached_topk, stage) -> dict:
     return out
 
 
-def step_flops(student: LanguageModelConfig, lay: Layout, teacher: LanguageModelConfig | None = None) -> dict:
-    """Model FLOPs of one step per rank (training/metrics.py's count): student forward + backward (3x), teacher
-    forward (1x, online only)."""
-    tokens = lay.mbs * lay.seq * lay.num_micro * lay.dp
-    student_f = 3 * tokens * language_forward_flops_per_token(student, lay.seq)
-    teacher_f = tokens * language_forward_flops_per_token(teacher, lay.seq) if teacher is not None else 0.0
+def step_flops(student: LanguageModelConfig, lay: Layout, teacher: LanguageModelConfig | None = None,
+               trains: str = "language") -> dict:
+    """Model FLOPs of one step per rank (training/flops.py's count) of the language models on full-length rows:
+    student forward + backward with `trains` trainable (and the projector, as in every stage, so input gradients
+    reach the first layer), teacher forward (online only)."""
+    rows = lay.mbs * lay.num_micro * lay.dp
+    tokens, pairs = rows * lay.seq, rows * causal_pairs(lay.seq)
+    groups = {"language": ("language",), "ffn": ("ffn", "router"), "none": ()}[trains]
+    student_f = sum(language_flops(student, tokens, pairs, groups, upstream=True).values())
+    teacher_f = sum(language_flops(teacher, tokens, pairs).values()) if teacher is not None else 0.0
     return {"student": student_f / lay.world, "teacher": teacher_f / lay.world,
             "total": (student_f + teacher_f) / lay.world}

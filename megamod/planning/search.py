@@ -59,7 +59,7 @@ def search(student: LanguageModelConfig, teacher: LanguageModelConfig | None, gp
                 lay = Layout(tp=t, pp=p, ep=e, dp=dp, mbs=mbs, seq=seq, num_micro=global_batch // (mbs * dp),
                              param_bytes=param_bytes)
                 mem = step_memory(student, lay, trains, teacher=teacher, cached_topk=cached_topk)
-                flops = step_flops(student, lay, teacher)
+                flops = step_flops(student, lay, teacher, trains)
                 rows.append({"layout": lay, "memory": mem, "flops": flops,
                              "fits": mem["total"] <= (1 - headroom) * gpu_mem_gb * 1e9})
     # FLOPs per rank do not depend on the layout; less model parallelism means less communication per FLOP.

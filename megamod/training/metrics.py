@@ -1,9 +1,8 @@
 """Step metrics: model FLOPs, peak memory, and the rank-0 log (console line, TensorBoard, progress bar).
 
-FLOPs follow the usual dense-matmul count (Megatron / PaLM): a forward pass costs 2 FLOPs per weight per token for
-every weight a token goes through (the activated experts only), plus 4*S*h per layer per token for the attention
-scores and weighted values (full S x S, as Megatron-LM counts). Backward costs twice the forward. A distillation
-step counts the student's forward and backward (3x) and the teacher's forward (1x).
+FLOPs are training/flops.py's count: what the step computes, frozen weights without their weight gradients, causal
+attention scores, the vision towers. A distillation step counts the student's forward and backward and the online
+teacher's forward.
 """
 from __future__ import annotations
 
@@ -16,40 +15,17 @@ import time
 
 import torch
 
-from megamod.models.language import LanguageModelConfig
+from megamod.training.flops import model_flops
 
 log = logging.getLogger(__name__)
 
 
-def language_forward_flops_per_token(cfg: LanguageModelConfig, seq_length: int) -> float:
-    h, L = cfg.hidden_size, cfg.num_layers
-    kv = cfg.num_query_groups * cfg.head_dim
-    attn_weights = h * cfg.num_attention_heads * cfg.head_dim * 2 + h * kv * 2  # q, o, k, v
-    dense_ffn = 3 * h * cfg.ffn_hidden_size
-    n_moe = sum(1 for x in cfg.moe_layer_pattern if x) if cfg.num_experts else 0
-    if cfg.num_experts and not cfg.moe_layer_pattern:
-        n_moe = L
-    moe_ffn = cfg.moe_router_topk * 3 * h * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size) + h * (
-        cfg.num_experts or 0)
-    matmul = L * attn_weights + (L - n_moe) * dense_ffn + n_moe * moe_ffn + h * cfg.vocab_size
-    return 2.0 * matmul + 4.0 * seq_length * h * L
-
-
-def vision_forward_flops_per_image(vision) -> float:
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    h, layers = vision.hidden_size, vision.layers_to_run
-    per_layer = 2.0 * tokens * (4 * h * h + 2 * h * vision.intermediate_size) + 4.0 * tokens * tokens * h
-    return layers * per_layer + 2.0 * tokens * 3 * vision.patch_size ** 2 * h
-
-
-def step_flops(loaded, tokens: int, seq_length: int, images: int, passes: float) -> float:
-    """FLOPs of `passes` x forward of `loaded` (a training.models.LoadedModel) on `tokens` tokens and `images`."""
-    flops = tokens * language_forward_flops_per_token(loaded.language, seq_length)
-    if loaded.kind == "llava" and images:
-        v = loaded.cfg.vision
-        flops += images * (vision_forward_flops_per_image(v) + 2.0 * v.num_image_tokens * (
-            v.hidden_size * loaded.language.hidden_size + loaded.language.hidden_size ** 2))
-    return passes * flops
+def step_flops(loaded, tokens: int, pairs: int, images: int, groups=None) -> float:
+    """Model FLOPs (training/flops.py's count) of `loaded` (a training.models.LoadedModel) on a step's `tokens` real
+    tokens holding `pairs` causal (query, key) pairs and `images` images: forward only when groups is None (a
+    teacher), else forward and backward with those parameter groups trainable."""
+    vision = loaded.cfg.vision if loaded.kind == "llava" else None
+    return model_flops(loaded.language, vision, tokens, pairs, images, groups)["total"]
 
 
 def peak_memory_gb() -> float:

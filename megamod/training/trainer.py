@@ -21,6 +21,7 @@ import torch
 
 from megamod import checkpoint as model_checkpoint
 from megamod import distributed
+from megamod.distributed import collective_device
 from megamod.training import checkpoint as train_checkpoint
 from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
 from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
@@ -82,7 +83,8 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def _check_trainable(self) -> None:
-        count = torch.tensor([sum(p.numel() for p in self.student.model.parameters() if p.requires_grad)])
+        count = torch.tensor([sum(p.numel() for p in self.student.model.parameters() if p.requires_grad)],
+                             device=collective_device())
         torch.distributed.all_reduce(count)
         if int(count) == 0:
             raise ValueError(f"stage {self.cfg.stage} trains {self.groups}, which matches no parameter of "
@@ -180,12 +182,12 @@ class Trainer:
 
         keys = self._report_keys()
         reporter = self.last_stage and ps.get_tensor_model_parallel_rank() == 0
-        local = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        local = torch.zeros(len(keys) + 1, dtype=torch.float64, device=collective_device())
         if reporter:
             for i, k in enumerate(keys):
                 local[i] = sum(float(d[k]) for d in losses) / len(losses)
             local[-1] = 1
-        bad = torch.tensor([0 if bool(torch.isfinite(local).all()) else 1], dtype=torch.int64)
+        bad = torch.tensor([0 if bool(torch.isfinite(local).all()) else 1], dtype=torch.int64, device=local.device)
         bad_ranks = [torch.zeros_like(bad) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(bad_ranks, bad)
         torch.distributed.all_reduce(local)
@@ -223,13 +225,15 @@ class Trainer:
     def _throughput(self, mbs: list, seconds: float) -> dict:
         from megatron.core import parallel_state as ps
 
-        counts = torch.tensor([sum(m.num_tokens for m in mbs), sum(m.num_images for m in mbs)], dtype=torch.float64)
+        lengths = [(~m.padding).sum(1).to(torch.float64) for m in mbs]
+        pairs = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
+        counts = torch.tensor([sum(m.num_tokens for m in mbs), sum(m.num_images for m in mbs), pairs],
+                              dtype=torch.float64, device=collective_device())
         torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
-        tokens, images = int(counts[0]), int(counts[1])
-        S = mbs[0].seq_length
-        flops = step_flops(self.student, tokens, S, images, passes=3.0)
+        tokens, images, pairs = int(counts[0]), int(counts[1]), float(counts[2])
+        flops = step_flops(self.student, tokens, pairs, images, self.groups)
         if self.teacher is not None:
-            flops += step_flops(self.teacher, tokens, S, images, passes=1.0)
+            flops += step_flops(self.teacher, tokens, pairs, images)
         world = torch.distributed.get_world_size()
         return {"tokens_per_s": tokens / seconds, "tflops_per_rank": flops / seconds / world / 1e12,
                 "step_s": seconds, "peak_mem_gb": peak_memory_gb()}

@@ -64,7 +64,13 @@ def test_distill_step(monkeypatch, tmp_path, capsys):
     assert kd["kd_overhead"] == pytest.approx(kd["step_ms"] / both["step_ms"]) and student["kd_overhead"] is None
     c = res["config"]
     assert c["tokens_per_step"] == 64 and c["peak_tflops"] == 1
-    assert 0 < c["student_active_matmul_params"] < c["student_params"] and c["teacher_matmul_params"] > 0
+    assert c["peak_source"] == "given (--peak-tflops)" and c["trainable"] == ["projector", "ffn", "router"]
+    # per token: the student's frozen vision tower (forward only) and trainable projector; the teacher forward only
+    s, t = c["student_flops"], c["teacher_flops"]
+    assert s["total"] == pytest.approx(sum(v for k, v in s.items() if k != "total")) and s["projector"] > 0
+    assert t["vision"] == pytest.approx(s["vision"])  # the same tower, frozen in both
+    flops = [r["tflops"] * r["step_ms"] / 1e3 * 1e12 for r in (kd, student, teacher)]
+    assert flops == pytest.approx([64 * (s["total"] + t["total"]), 64 * s["total"], 64 * t["total"]])
     assert math.isfinite(c["d2s_loss"]) and c["d2s_loss"] > 0  # KD + CE of the last d2s step
 
 

@@ -155,16 +155,43 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def peak_tflops(device: torch.device, given: float | None) -> float | None:
-    """The peak to divide by for MFU: the one given, else the bf16 data-sheet figure of a known GPU, else None."""
-    if given is not None:
-        if given <= 0:
-            raise SystemExit(f"--peak-tflops must be positive, got {given}")
-        return given
+def datasheet_tflops(device: torch.device) -> float | None:
+    """The bf16 dense data-sheet peak of a known GPU, else None."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+
+
+def measure_matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16, repeats: int = 10) -> float:
+    """TFLOP/s of an n x n x n matmul on random data (zeros run faster on some GPUs), median of repeats after
+    warm-up: what this device's GEMMs reach, the ceiling MFU is honestly taken against."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    s = median_seconds({"mm": lambda: torch.mm(a, b, out=out)}, device, 3, repeats)["mm"]
+    return 2.0 * n ** 3 / s / 1e12
+
+
+def measure_copy_gbps(device: torch.device, nbytes: int = 2 << 30, repeats: int = 10) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    s = median_seconds({"copy": lambda: dst.copy_(src)}, device, 3, repeats)["copy"]
+    return 2.0 * nbytes / s / 1e9
+
+
+def peak_tflops(device: torch.device, given: float | None) -> tuple[float | None, str]:
+    """The peak to divide by for MFU and where it comes from: the one given, else (on a GPU) the bf16 GEMM rate
+    measured here and now, else None (no honest peak for a CPU)."""
+    if given is not None:
+        if given <= 0:
+            raise SystemExit(f"--peak-tflops must be positive, got {given}")
+        return given, "given (--peak-tflops)"
+    if device.type != "cuda":
+        return None, "none (CPU; --peak-tflops)"
+    return measure_matmul_tflops(device), "measured bf16 8192^3 GEMM"
 
 
 def result(benchmark: str, title: str, device: torch.device, config: dict, columns: list, rows: list,

@@ -10,16 +10,17 @@ student step plus a teacher forward; above 1: what the KD loss and holding both 
 `training.step.train_step` with `training.objective.Objective`), on synthetic micro-batches (one image per sample
 at the start, random tokens), so no checkpoint or data set is needed; both models start from random weights.
 
-FLOPs per token: teacher forward 2*N_T, student forward+backward 6*N_S_active, where N counts the language model's
-matmul weights (the output layer, not the input embedding lookup) and only top-k of E experts' weights per MoE
-layer. The CLIP towers and attention scores are not counted, so MFU is a lower bound.
+FLOPs are megamod.training.flops' count of what each part computes: the student's trainable weights (d2s: adapter,
+FFNs, routers) 6N, its frozen ones behind them (attention, output layer) 4N, its frozen CLIP tower 2N, the teacher
+2N, top-k of E experts per MoE layer, causal attention scores, the towers' attention. MFU is taken against the bf16
+GEMM rate measured on the device at start (--peak-tflops to give another), printed beside the data-sheet peak.
 
 Presets (--preset, default by device): gpu = Qwen1.5-0.5B student upcycled to 4 experts top-2 in even layers +
 Qwen1.5-1.8B teacher, CLIP ViT-L/14-336, bf16, 4 micro-batches of 1 x 2048 tokens; cpu = the same shape of job
 scaled to run in seconds; tiny = for tests.
 
     python tools/bench/distill_step.py [--device cuda] [--preset gpu] [--seq-length 2048] [--micro-batch-size 1]
-                                       [--micro-batches 4] [--peak-tflops 989] [--repeats 5] [--json out.json]
+                                       [--micro-batches 4] [--peak-tflops 790] [--repeats 5] [--json out.json]
 """
 import argparse
 import math
@@ -71,18 +72,12 @@ def llava_configs(p: dict, experts: int, topk: int):
     return LlavaConfig(student, vision, image_id), LlavaConfig(teacher, vision, image_id)
 
 
-def matmul_params(model, cfg) -> float:
-    """Language-model weights a token goes through: experts count top-k / E, the input embedding only if tied."""
-    lm = cfg.language
-    total = 0.0
-    for name, p in model.named_parameters():
-        if not name.startswith("language_model."):
-            continue
-        if "embedding.word_embeddings" in name and not lm.tie_word_embeddings:
-            continue
-        share = lm.moe_router_topk / lm.num_experts if ".mlp.experts." in name else 1.0
-        total += share * p.numel()
-    return total
+def step_flops(cfg, p: dict, groups) -> dict:
+    """training.flops' breakdown of one step on full-length rows (groups None: forward only)."""
+    from megamod.training.flops import causal_pairs, model_flops
+
+    rows = p["micro"] * p["mbs"]
+    return model_flops(cfg.language, cfg.vision, rows * p["seq"], rows * causal_pairs(p["seq"]), rows, groups)
 
 
 def micro_batches(cfg, p: dict, device):
@@ -118,7 +113,7 @@ def run(p: dict, a, device):
     student = build_model(student_cfg, "llava", dtype, init_weights=True).to(device)
     apply_trainable(student, stage.trainable)
     teacher = build_model(teacher_cfg, "llava", dtype, init_weights=True).to(device).requires_grad_(False).eval()
-    n_student, n_teacher = matmul_params(student, student_cfg), matmul_params(teacher, teacher_cfg)
+    student_flops, teacher_flops = step_flops(student_cfg, p, stage.trainable), step_flops(teacher_cfg, p, None)
     ddp = wrap_ddp(student)
     optimizer = build_optimizer([ddp], lr=1e-5)
     ddp.train()
@@ -143,15 +138,16 @@ def run(p: dict, a, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     median = benchlib.median_seconds(fns, device, a.warmup, a.repeats)
+    peak_memory_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     bad = {k: v for k, v in losses.items() if not all(map(math.isfinite, v))}
     if bad:
         raise SystemExit(f"non-finite losses: {bad}")
     tokens = p["micro"] * p["mbs"] * p["seq"]
-    flops = {"kd": tokens * (2 * n_teacher + 6 * n_student), "student": tokens * 6 * n_student,
-             "teacher": tokens * 2 * n_teacher}
+    flops = {"kd": student_flops["total"] + teacher_flops["total"], "student": student_flops["total"],
+             "teacher": teacher_flops["total"]}
     median["student+teacher"] = median["student"] + median["teacher"]
     flops["student+teacher"] = flops["student"] + flops["teacher"]
-    peak = benchlib.peak_tflops(device, a.peak_tflops)
+    peak, peak_source = benchlib.peak_tflops(device, a.peak_tflops)
     labels = {"kd": "(a) d2s step: teacher fwd + student fwd/bwd + KD", "student": "(b) student step alone",
               "teacher": "(c) teacher forward alone", "student+teacher": "(b) + (c)"}
     rows = []
@@ -162,9 +158,11 @@ def run(p: dict, a, device):
                          mfu=tflops / peak if peak else None,
                          kd_overhead=median["kd"] / median["student+teacher"] if key == "kd" else None))
     info = dict(tokens_per_step=tokens, student_params=sum(t.numel() for t in student.parameters()),
-                student_active_matmul_params=n_student, teacher_matmul_params=n_teacher, peak_tflops=peak,
-                kd_overhead=rows[0]["kd_overhead"], d2s_loss=losses["kd"][-1],
-                peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+                student_flops={k: v / tokens for k, v in student_flops.items()},
+                teacher_flops={k: v / tokens for k, v in teacher_flops.items()}, peak_tflops=peak,
+                peak_source=peak_source, datasheet_tflops=benchlib.datasheet_tflops(device),
+                trainable=list(stage.trainable), kd_overhead=rows[0]["kd_overhead"], d2s_loss=losses["kd"][-1],
+                peak_memory_gb=peak_memory_gb)
     return rows, info
 
 
@@ -178,7 +176,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--topk", type=int, default=2)
-    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs' bf16 peak)")
+    parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default on a GPU: its bf16 GEMM rate, measured)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the result to this JSON file")
@@ -204,11 +202,16 @@ def main(argv=None):
             rows, info = run(p, a, device)
     finally:
         distributed.shutdown()
-    notes = [f"student {info['student_params'] / 1e6:.1f}M parameters, {info['student_active_matmul_params'] / 1e6:.1f}M "
-             f"active matmul (N_S); teacher {info['teacher_matmul_params'] / 1e6:.1f}M matmul (N_T); "
-             f"{info['tokens_per_step']} tokens per step",
-             f"FLOPs: (a) 2*N_T + 6*N_S per token, (b) 6*N_S, (c) 2*N_T; MFU against "
-             + (f"{info['peak_tflops']:g} TFLOP/s" if info["peak_tflops"] else "no known peak (n/a; --peak-tflops)"),
+    per_token = lambda f: ", ".join(f"{k} {v / 1e9:.3g}" for k, v in f.items() if k != "total")  # noqa: E731
+    peak = (f"{info['peak_tflops']:.0f} TFLOP/s ({info['peak_source']}"
+            + (f"; data sheet {info['datasheet_tflops']:g})" if info["datasheet_tflops"] else ")")
+            if info["peak_tflops"] else "no peak (n/a; --peak-tflops)")
+    notes = [f"student {info['student_params'] / 1e6:.1f}M parameters; {info['tokens_per_step']} tokens per step",
+             f"GFLOP per token, student fwd+bwd (d2s trainable: {', '.join(info['trainable'])}): "
+             f"{info['student_flops']['total'] / 1e9:.3g} ({per_token(info['student_flops'])})",
+             f"GFLOP per token, teacher forward: {info['teacher_flops']['total'] / 1e9:.3g} "
+             f"({per_token(info['teacher_flops'])})",
+             f"MFU against {peak}",
              f"KD overhead = (a) / ((b) + (c)) = {info['kd_overhead']:.2f}"]
     if info["peak_memory_gb"] is not None:
         notes.append(f"peak GPU memory {info['peak_memory_gb']:.1f} GiB")
