@@ -121,13 +121,15 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, ti
     Identical seeding matters on CPU: megatron builds each parameter's full master weight on every rank from the
     default generator before slicing, so ranks must draw the same numbers.
     """
-    from megamod import cpu_compat
+    from megamod import cpu_compat, te_absent
 
     launch = read_launch_env()
     parallel.validate(launch.world_size)
     cuda = _use_cuda()
     if not cuda:
         cpu_compat.apply()
+    else:
+        te_absent.apply()
     if not torch.distributed.is_initialized():
         if cuda:
             torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())

@@ -3,7 +3,7 @@
 # wheels, builds megamod._C with its CUDA kernels, then runs the GPU tests and benchmarks in order of value, each
 # under its own timeout, going on past a failed step, and appends a dated section to docs/PERF.md.
 #
-#   tools/gpu_check.sh [--out DIR] [--wheels DIR] [--budget SECONDS] [--no-append] [--dry-run]
+#   tools/gpu_check.sh [--out DIR] [--wheels DIR] [--budget SECONDS] [--skip STEP,...] [--no-append] [--dry-run]
 #   MEGAMOD_WHEELS=.whl make gpu-check              # the same through make
 #
 # --out DIR (else $GPU_CHECK_OUT, else $OUT when the caller sets it, else runs/gpu-check/<time>): everything the
@@ -13,6 +13,7 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #         -d .whl megatron-core==0.16.1
 # --budget SECONDS: the whole run's time; a step's timeout is cut to what is left, keeping 40 s for the report.
+# --skip STEP,...: leave these steps out (a rerun of what an earlier window did not finish), e.g. attention
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3). Exits non-zero if any step
 # failed; the figures of the others are still recorded.
 set -uo pipefail
@@ -22,6 +23,7 @@ cd "$REPO"
 WHEELS=${MEGAMOD_WHEELS:-}
 OUT=${GPU_CHECK_OUT:-${OUT:-runs/gpu-check/$(date +%Y%m%d-%H%M%S)}}
 BUDGET=${GPU_CHECK_BUDGET:-0}
+SKIP=
 APPEND=1
 DRY_RUN=${DRY_RUN:-}
 while [[ $# -gt 0 ]]; do
@@ -29,9 +31,10 @@ while [[ $# -gt 0 ]]; do
         --wheels) WHEELS=${2:?--wheels needs a directory}; shift 2 ;;
         --out) OUT=${2:?--out needs a directory}; shift 2 ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift 2 ;;
+        --skip) SKIP=",${2:?--skip needs step names},"; shift 2 ;;
         --no-append) APPEND=; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -71,6 +74,9 @@ record() {  # record NAME STATUS SECONDS EXIT NOTE: one entry of steps.json, whi
 
 step() {  # step NAME TIMEOUT COMMAND...: run it under its timeout (cut to the budget), record the outcome
     local name=$1 limit=$2; shift 2
+    if [[ "$SKIP" == *",$name,"* ]]; then
+        echo "== [$((SECONDS - START))s] $name skipped (--skip)"; record "$name" skipped 0 -1 "--skip"; return 0
+    fi
     if [[ "$BUDGET" -gt 0 && "$name" != report ]]; then
         local left=$((BUDGET - (SECONDS - START) - REPORT_RESERVE))
         [[ $left -lt $limit ]] && limit=$left

@@ -197,6 +197,15 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
     if not init_weights:
         mark_tensor_parallel_weights(model)
     model.megamod_config = cfg
+    return on_device(model)
+
+
+def on_device(model):
+    """The whole model on the current GPU unless megatron-core initialises on the CPU. megatron-core allocates its
+    linear weights there, but torch norms (the local spec without TransformerEngine) and the router's weight start on
+    torch's default device, the CPU; Megatron-LM's get_model moves every model with .cuda(), and so does this."""
+    if not model.config.use_cpu_initialization:
+        model.cuda(torch.cuda.current_device())
     return model
 
 

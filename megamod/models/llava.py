@@ -156,4 +156,6 @@ def build_llava_model(cfg: LlavaConfig, params_dtype=torch.float32, init_weights
     from megamod.models.specs import transformer_engine_usable
 
     use_te = transformer_engine_usable() if use_te is None else use_te
-    return LlavaModel(cfg, params_dtype, init_weights, sequence_parallel, use_te)
+    from megamod.models.language import on_device
+
+    return on_device(LlavaModel(cfg, params_dtype, init_weights, sequence_parallel, use_te))

@@ -51,10 +51,12 @@ def make_inputs(T, H, E, K, dtype, device, seed=0):
     return [t.to(device) for t in (tokens_TH.to(dtype), routing_map_TE, probs_TE.to(dtype), grad_TH.to(dtype))]
 
 
-def step(impl, tokens_TH, routing_map_TE, probs_TE, grad_TH):
+def step(impl, num_out, tokens_TH, routing_map_TE, probs_TE, grad_TH):
+    """One permute -> unpermute -> backward as the dispatcher calls them: the number of routed rows is known on the
+    host (dropless top-k: num_out = T * K), so neither implementation has to count them with a device-to-host sync."""
     tokens_TH = tokens_TH.detach().requires_grad_()
     probs_TE = probs_TE.detach().requires_grad_()
-    permuted_PH, _, index_map = impl.permute(tokens_TH, routing_map_TE, probs=probs_TE)
+    permuted_PH, _, index_map = impl.permute(tokens_TH, routing_map_TE, probs=probs_TE, num_out_tokens=num_out)
     out_TH = impl.unpermute(permuted_PH, index_map, tokens_TH.shape, probs=probs_TE, routing_map=routing_map_TE)
     out_TH.backward(grad_TH)
 
@@ -71,8 +73,8 @@ def run(args, device) -> list:
             moved = (4 * T + 5 * P) * H * inputs[0].element_size()
             src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
-            fns = dict(copy=lambda: dst.copy_(src), ref=lambda: step(moe_utils, *inputs),
-                       ours=lambda: step(ops, *inputs))
+            fns = dict(copy=lambda: dst.copy_(src), ref=lambda: step(moe_utils, P, *inputs),
+                       ours=lambda: step(ops, P, *inputs))
             median = benchlib.median_seconds(fns, device, args.warmup, args.repeats)
             copy_s, ref_s, ours_s = median["copy"], median["ref"], median["ours"]
             rows.append(dict(dtype=dtype_name, T=T, H=H, E=E, K=K, megatron_ms=ref_s * 1e3, ours_ms=ours_s * 1e3,
