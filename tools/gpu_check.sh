@@ -93,9 +93,12 @@ step() {  # step NAME TIMEOUT COMMAND...: run it under its timeout (cut to the b
     [[ $rc -ne 0 ]] && status=failed
     [[ $rc -eq 124 || $rc -eq 137 ]] && status=timeout
     # the step's last line (pytest's summary, a benchmark's last note, an error) for steps.json, JSON-safe
-    last=$(grep -v '^[[:space:]]*$' "$STEP_LOG" | tail -n 1 | tr -d '"\\' | tr -c '[:print:]' ' ' | cut -c1-300)
+    local pattern='[^[:space:]]'
+    [[ "$name" == *tests ]] && pattern='[0-9]+ (passed|failed|error|skipped)'  # pytest's summary, not a late warning
+    last=$(grep -E "$pattern" "$STEP_LOG" | tail -n 1 | tr -d '"\\=' | tr -c '[:print:]' ' ' | sed 's/^ *//; s/ *$//' \
+        | cut -c1-300)
     record "$name" "$status" $((SECONDS - begin)) "$rc" "$last"
-    [[ "$name" == *tests ]] && TEST_NOTES+=("$name: ${last//=/}")
+    [[ "$name" == *tests ]] && TEST_NOTES+=("$name: $last")
     if [[ $rc -ne 0 ]]; then
         echo "!! $name $status (exit $rc)"; FAILED+=("$name"); return 1
     fi

@@ -80,6 +80,29 @@ def forward_backward_seconds(calls: dict, grad: torch.Tensor, device: torch.devi
     return {name: (median[f"{name}/forward"], median[f"{name}/backward"]) for name in calls}
 
 
+def profile_to_file(fns: dict, device: torch.device, path: str, rows: int = 40) -> None:
+    """Run each of fns once under torch.profiler and write its operators, by device time and by host time, with the
+    step's kernel count and host/device totals: where a step's time goes, read without a GPU at hand."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with open(path, "w") as f:
+        for name, fn in fns.items():
+            synchronize(device)
+            begin = time.perf_counter()
+            with profile(activities=activities) as prof:
+                fn()
+                synchronize(device)
+            wall = time.perf_counter() - begin
+            events = prof.key_averages()
+            kernels = sum(e.count for e in prof.events() if e.device_type.name == "CUDA")
+            device_us = sum(e.self_device_time_total for e in events)
+            f.write(f"== {name}: wall {wall * 1e3:.1f} ms (profiled), device busy {device_us / 1e3:.1f} ms, "
+                    f"{kernels} kernels\n")
+            for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+                f.write(events.table(sort_by=key, row_limit=rows, max_name_column_width=70) + "\n")
+
+
 @contextlib.contextmanager
 def moe_aux_loss_scale(device: torch.device):
     """megatron-core keeps the MoE aux-loss gradient scale in one process-wide tensor: a backward outside its

@@ -21,6 +21,7 @@ scaled to run in seconds; tiny = for tests.
 
     python tools/bench/distill_step.py [--device cuda] [--preset gpu] [--seq-length 2048] [--micro-batch-size 1]
                                        [--micro-batches 4] [--peak-tflops 790] [--repeats 5] [--json out.json]
+                                       [--profile ops.txt]
 """
 import argparse
 import math
@@ -138,6 +139,8 @@ def run(p: dict, a, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     median = benchlib.median_seconds(fns, device, a.warmup, a.repeats)
+    if a.profile:
+        benchlib.profile_to_file({k: fns[k] for k in ("student", "kd")}, device, a.profile)
     peak_memory_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     bad = {k: v for k, v in losses.items() if not all(map(math.isfinite, v))}
     if bad:
@@ -180,6 +183,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("--profile", help="after timing, profile one (b) and one (a) step; tables to this file")
     a = parser.parse_args(argv)
     device = benchlib.parse_device(a.device)
     preset = a.preset or ("gpu" if device.type == "cuda" else "cpu")
