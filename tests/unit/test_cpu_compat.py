@@ -413,6 +413,13 @@ def test_te_names_needed_and_router_gating_equals_linear():
     with cpu_compat.without("te_names"):
         with pytest.raises(NameError, match="te_general_gemm"):
             moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+        # the same fix on a GPU without TransformerEngine (distributed.initialize applies it there)
+        from megamod import te_absent
+
+        assert te_absent.apply() and not te_absent.apply()
+        torch.testing.assert_close(moe_utils.router_gating_linear(inp, weight, None, torch.float32),
+                                   torch.nn.functional.linear(inp, weight))
+        del moe_utils.te_general_gemm
 
     x = inp.clone().requires_grad_()
     w = weight.clone().requires_grad_()
