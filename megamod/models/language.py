@@ -202,27 +202,22 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
     return on_device(model)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity forward; backward hands on its gradient in row-major strides. contiguous() alone is not enough: with
-    one sample, [s, 1, v] counts as contiguous whatever the size-1 dim's stride, and matmul's fold test reads it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous().view(-1, grad.shape[-1]).view(grad.shape)
+def _row_major(grad):
+    """The gradient in row-major strides. contiguous() alone is not enough: with one sample, [s, 1, v] counts as
+    contiguous whatever the size-1 dim's stride, and matmul's fold test reads that stride."""
+    return grad.contiguous().view(-1, grad.shape[-1]).view(grad.shape)
 
 
 def _contiguous_logit_grads(module, args, output):
     """GPTModel returns [b, s, v] logits transposed from the output layer's [s, b, v], so the loss's gradient reaches
-    the output layer's backward as a transposed view; torch.matmul cannot fold that into one GEMM against the
-    [v, h] weight and runs a batched GEMM over s with the weight broadcast, re-reading it once per position (on an
-    H200, 87 ms instead of about 1 ms for a 151936 x 1024 output layer at 2048 positions). One copy of the gradient
-    into [s, b, v] order keeps it a single GEMM."""
-    logits_SBV, bias = output
-    return _ContiguousGrad.apply(logits_SBV), bias
+    the output layer's backward as a transposed view; with a frozen output layer (d2s, preference) megatron's backward
+    is grad_output.matmul(weight), which torch cannot fold into one GEMM against the [v, h] weight: it runs a batched
+    GEMM over s with the weight broadcast, re-reading it once per position (on an H200, 87 ms instead of about 1 ms
+    for a 151936 x 1024 output layer at 2048 positions). A hook on the logits hands the gradient on row-major. (A
+    tensor hook, not an identity autograd Function: the loss may modify the logits in place.)"""
+    logits_SBV = output[0]
+    if logits_SBV.requires_grad:
+        logits_SBV.register_hook(_row_major)
 
 
 def on_device(model):
