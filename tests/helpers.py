@@ -100,3 +100,20 @@ def grads_sharded_state_dict(model) -> dict:
         sharded.data = grad.detach().to(param.dtype).view_as(sharded.data)
         out[key] = sharded
     return out
+
+
+def swap_token_ids(tokenizer_dir: str, out_dir: str, a: int = 100, b: int = 101) -> str:
+    """A copy of an HF tokenizer (tokenizer.json) with ordinary tokens `a` and `b` trading ids: another tokenizer of
+    the same size, as two BPE vocabularies of one size are. Returns out_dir."""
+    import shutil
+
+    shutil.copytree(tokenizer_dir, out_dir)
+    path = os.path.join(out_dir, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    vocab[by_id[a]], vocab[by_id[b]] = b, a
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    return out_dir

@@ -7,6 +7,7 @@ initial checkpoint; the sparse student is the dense one upcycled.
 from __future__ import annotations
 
 import os
+import shutil
 
 import yaml
 
@@ -47,6 +48,20 @@ def base_recipe(root: str, stage: str, student: str, out: str, teacher: str | No
     for k, v in extra.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
+
+
+def run_as_of(src: str, dst: str, step: int) -> str:
+    """A copy of run directory `src` as a crash right after its step-`step` checkpoint would have left it: no later
+    checkpoint, no exported model."""
+    shutil.copytree(src, dst)
+    ckpts = os.path.join(dst, "checkpoints")
+    for name in os.listdir(ckpts):
+        if name.startswith("step_") and int(name[len("step_"):]) > step:
+            shutil.rmtree(os.path.join(ckpts, name))
+    shutil.rmtree(os.path.join(dst, "model"), ignore_errors=True)
+    with open(os.path.join(ckpts, "latest"), "w") as f:
+        f.write(f"step_{step:07d}\n")
+    return dst
 
 
 def build(root: str) -> dict:

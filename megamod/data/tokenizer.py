@@ -8,6 +8,9 @@ token's (start, end) character span in `text`; the templates use it to put the l
 `load_tokenizer(path)` picks the backend from what it finds (in this order): `tokenizer.json`, a `*.tiktoken` file,
 a sentencepiece `*.model`. A tokenizer that lacks `<image>` stays so: `add_special_tokens(tok, ["<image>"])` returns a
 new tokenizer, logs the new vocabulary size (the model's embeddings must grow to match) and `save(dir)` persists it.
+
+Two tokenizers are one when they give every id they share the same token (`vocabulary()`, compared by
+`check_same_tokenizer`, hashed by `vocabulary_fingerprint`), whatever their files or the models' padded rows.
 """
 from __future__ import annotations
 
@@ -85,6 +88,10 @@ class Tokenizer(ABC):
     @abstractmethod
     def token_to_id(self, token: str) -> int | None:
         """Id of a single token (special or ordinary), None when the vocabulary has no such token."""
+
+    @abstractmethod
+    def vocabulary(self) -> dict[int, str]:
+        """id -> token, added tokens included: what an id means, the content two tokenizers are compared by."""
 
     @abstractmethod
     def _with_added(self, tokens: list[str]) -> "Tokenizer":
@@ -175,6 +182,9 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token):
         return self.tok.token_to_id(token)
+
+    def vocabulary(self):
+        return {i: t for t, i in self.tok.get_vocab(with_added_tokens=True).items()}
 
     def _with_added(self, tokens):
         from tokenizers import AddedToken, Tokenizer as RawTokenizer
@@ -268,6 +278,9 @@ class SentencePieceTokenizer(Tokenizer):
         token_id = self.sp.piece_to_id(token)
         return None if token_id == self.sp.unk_id() and token != self.sp.id_to_piece(token_id) else token_id
 
+    def vocabulary(self):
+        return {i: self.sp.id_to_piece(i) for i in range(self.vocab_size)}
+
     def _with_added(self, tokens):
         from sentencepiece import sentencepiece_model_pb2 as pb2
 
@@ -341,6 +354,10 @@ class TiktokenTokenizer(Tokenizer):
     def token_to_id(self, token):
         return self._by_token.get(token)
 
+    def vocabulary(self):
+        # latin-1 maps bytes to text one to one: two different byte strings never compare equal
+        return {**{i: t.decode("latin-1") for t, i in self.ranks.items()}, **{i: t for t, i in self._specials.items()}}
+
     def _with_added(self, tokens):
         specials = dict(self._specials)
         for t in tokens:
@@ -397,3 +414,31 @@ def add_special_tokens(tokenizer: Tokenizer, tokens: list[str]) -> Tokenizer:
     log.info("added %s to tokenizer %s: vocab size %d -> %d (the model's embedding and output layers need at least "
              "that many rows)", missing, tokenizer.path, tokenizer.vocab_size, new.vocab_size)
     return new
+
+
+def vocabulary_fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the id -> token table: equal for the same tokenizer in any file, whatever rows a model pads to."""
+    import hashlib
+
+    table = sorted(tokenizer.vocabulary().items())
+    return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def vocabulary_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """The first id below both sizes that the two tokenizers give different tokens, described; None when they agree
+    on all of them. One may extend the other with tokens at new ids (as add_special_tokens does): a model that has
+    rows for those ids reads the extended one the same way."""
+    va, vb = a.vocabulary(), b.vocabulary()
+    for i in range(min(a.vocab_size, b.vocab_size)):
+        if va.get(i) != vb.get(i):
+            return f"id {i} is {va.get(i)!r} in {a.path} and {vb.get(i)!r} in {b.path}"
+    return None
+
+
+def check_same_tokenizer(a: Tokenizer, b: Tokenizer, what_a: str, what_b: str) -> None:
+    """TokenizerError naming both (`what_a`, `what_b`: whose they are) when `a` and `b` give an id different tokens:
+    a model that learnt one cannot read ids from the other (models may pad their rows differently; ids may not)."""
+    diff = vocabulary_difference(a, b)
+    if diff is not None:
+        raise TokenizerError(f"{what_a} tokenizer {a.path} ({a.vocab_size} ids) and {what_b} tokenizer {b.path} "
+                             f"({b.vocab_size} ids) are different tokenizers: {diff}; one tokenizer must serve both")

@@ -60,7 +60,7 @@ def evaluate_captions(loaded, tokenizer, items: list[OpenItem], *, batch_size: i
         rows.append((pos, encode_prompt(tmpl, tokenizer, [], question).tolist(),
                      item if item.image is not None else None))
     generated = greedy_generate(loaded, rows, max_new_tokens=max_new_tokens, stop_ids=stop_ids(tokenizer),
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, vocab_size=tokenizer.vocab_size)
     texts = [tokenizer.decode(generated[pos]).strip() for pos in range(len(items))]
     result = caption_metrics(items, texts)
     result["predictions"] = [{"question_id": it.id, "prompt": q, "text": t, "tokens": len(generated[p]),

@@ -47,9 +47,10 @@ def _step(model, ctx, tokens_BS, images_NCHW, vocab_size: int, forbidden: int) -
 
 
 def greedy_generate(loaded, rows: list, *, max_new_tokens: int, stop_ids: list[int], batch_size: int = 8,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, vocab_size: int | None = None) -> dict:
     """rows: (key, prompt ids with one <image> id per image, the item whose `.image` goes with it, or None). Returns {key: generated ids
-    (the stop token excluded)} on every rank."""
+    (the stop token excluded)} on every rank. Ids are chosen below `vocab_size`, the tokenizer's size (default: the
+    model's rows), so that a padding row is never generated."""
     from megatron.core import parallel_state as ps
     from megatron.core.inference.contexts import StaticInferenceContext
     from tqdm import tqdm
@@ -73,7 +74,7 @@ def greedy_generate(loaded, rows: list, *, max_new_tokens: int, stop_ids: list[i
     stop_K = torch.tensor(sorted(set(stop_ids)), device=device)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     last_rank, pp_group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
-    vocab_size = loaded.language.vocab_size
+    vocab_size = vocab_size or loaded.language.vocab_size
     found = {}
     batches = _batches(expanded, batch_size, dp, dp_rank)
     show = progress and torch.distributed.get_rank() == 0

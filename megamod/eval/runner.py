@@ -88,7 +88,7 @@ def choose(loaded, tokenizer, rows: list, *, batch_size: int = 8, progress: bool
         tokens_BS, last_B, images_NCHW, padding_BS = _batch(loaded, tokenizer.pad_id, batch_rows, processor)
         if images_NCHW is not None:
             images_NCHW = images_NCHW.to(device)
-        logits_BV = last_logits(loaded.model, tokens_BS.to(device), last_B, loaded.language.vocab_size,
+        logits_BV = last_logits(loaded.model, tokens_BS.to(device), last_B, tokenizer.vocab_size,
                                 images_NCHW, padding_BS.to(device))
         if logits_BV is None:
             continue

@@ -178,6 +178,9 @@ def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int
     if tokenizer.token_to_id(IMAGE_TOKEN) != loaded.image_token_id:
         raise ValueError(f"tokenizer {tokenizer.path} has <image> at id {tokenizer.token_to_id(IMAGE_TOKEN)}, the "
                          f"model reads images at id {loaded.image_token_id}")
+    if tokenizer.vocab_size > loaded.language.vocab_size:  # rows past the tokenizer are padding, never read
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"{loaded.language.vocab_size} vocabulary rows")
     if task == "caption":
         from megamod.eval.captions import evaluate_captions
 
@@ -198,7 +201,7 @@ def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None
     circular_accuracy; caption: exact match and token F1 where there are references), plus per-item
     predictions."""
     from megamod import checkpoint, distributed
-    from megamod.data.tokenizer import load_tokenizer
+    from megamod.data.tokenizer import check_same_tokenizer, load_tokenizer
     from megamod.training.models import load
 
     if task not in TASKS + ("caption",):
@@ -210,6 +213,9 @@ def evaluate(ckpt: str, task: str, data: str, *, image_folder: str | None = None
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"no tokenizer at {tok_path}: pass tokenizer=")
     tok = load_tokenizer(tok_path)
+    carried = os.path.join(ckpt, "tokenizer")
+    if tokenizer is not None and os.path.exists(carried):  # the model's ids must mean what the given one says
+        check_same_tokenizer(tok, load_tokenizer(carried), "the given", f"{ckpt}'s")
     distributed.initialize(distributed.ParallelConfig(tp=tp, pp=pp, ep=ep))
     loaded = load(ckpt, checkpoint.resolve_dtype(dtype))
     result = evaluate_model(loaded, tok, task, items, batch_size=batch_size, circular=circular, template=template,

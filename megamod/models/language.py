@@ -17,7 +17,9 @@ import torch.nn.functional as F
 class LanguageModelConfig:
     """Architecture of a Qwen-family decoder. Field names follow Megatron; `from_hf` reads HF config.json."""
 
-    vocab_size: int  # the tokenizer's true vocabulary (rows that carry meaning); padding rows come on top
+    # Embedding/output rows with weights: HF config.json's vocab_size. It may exceed the tokenizer's ids (Qwen2-7B:
+    # 152064 rows, 151646 ids); losses and evaluation use the tokenizer's size. vocab_pad_multiple pads on top.
+    vocab_size: int
     hidden_size: int
     num_layers: int
     num_attention_heads: int

@@ -1,7 +1,8 @@
 """The on-disk layout of a teacher cache, and the checks that make a damaged one an error.
 
-    DIR/plan.json                    what is being cached (teacher, data, kind, top-k, dtype, shard size); written
-                                     first, so that a resumed run with other settings is refused
+    DIR/plan.json                    what is being cached (teacher, data, kind, top-k, dtype, shard size, and the
+                                     vocabulary: the tokenizer's size, path and sha256 of its id -> token table);
+                                     written first, so that a resumed run with other settings is refused
     DIR/shards/shard-NNNNN.safetensors   the rows of one shard of samples
     DIR/shards/shard-NNNNN.json      that shard's index (sample ids, first row, row count) and the sha256 and size
                                      of its .safetensors file; written after it: a shard without it is unfinished

@@ -35,11 +35,16 @@ class CacheJob:
     pp: int = 1
     progress: bool = True
 
-    def plan(self, vocab_size: int, num_samples: int) -> dict:
-        """What the cache holds; a resumed run must agree on all of it."""
+    def plan(self, tokenizer, num_samples: int) -> dict:
+        """What the cache holds; a resumed run must agree on all of it. The vocabulary is the tokenizer's (the
+        teacher's rows past it are padding); its fingerprint lets training refuse a student with another one."""
+        from megamod.data.tokenizer import vocabulary_fingerprint
+
         return {"format": fmt.FORMAT, "version": fmt.VERSION, "kind": self.kind,
                 "topk": self.topk if self.kind == "conversations" else None, "dtype": self.dtype,
-                "teacher": os.path.abspath(self.ckpt), "vocab_size": vocab_size, "max_length": self.max_length,
+                "teacher": os.path.abspath(self.ckpt), "vocab_size": tokenizer.vocab_size,
+                "tokenizer": {"path": os.path.abspath(tokenizer.path), "sha256": vocabulary_fingerprint(tokenizer)},
+                "max_length": self.max_length,
                 "data": [{"path": os.path.abspath(s.path), "template": s.template} for s in self.data],
                 "shard_size": self.shard_size, "num_samples": num_samples}
 
@@ -139,16 +144,16 @@ def write_cache(job: CacheJob) -> dict | None:
         raise ValueError(f"storage dtype {job.dtype!r} is not one of {sorted(fmt.DTYPES)}")
     distributed.initialize(distributed.ParallelConfig(tp=job.tp, pp=job.pp))
     teacher = load_frozen_teacher(job.ckpt, checkpoint.resolve_dtype(job.model_dtype))
-    vocab_size = teacher.language.vocab_size
+    tok = load_model_tokenizer(teacher, job.tokenizer, job.ckpt)
+    vocab_size = tok.vocab_size  # the teacher's rows past the tokenizer are padding: never in the top-k or the tail
     if job.kind == "conversations" and not 0 < job.topk <= vocab_size:
         raise ValueError(f"--topk {job.topk} must be in [1, vocabulary size {vocab_size}]")
-    tok = load_model_tokenizer(teacher, job.tokenizer, job.ckpt)
     datasets = build_datasets(teacher, tok, job.data, job.kind, job.max_length)
     dataset = MixedDataset(datasets)
     sp = teacher.model.config.sequence_parallel
     collator = build_collator(teacher, tok, job.tp if sp else 1)
     samples = _samples(datasets)
-    plan = job.plan(vocab_size, len(samples))
+    plan = job.plan(tok, len(samples))
     num_shards = -(-len(samples) // job.shard_size)
     rank = torch.distributed.get_rank()
     done = [None]

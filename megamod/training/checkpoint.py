@@ -70,6 +70,64 @@ def _sharded(model, optimizer, is_loading: bool) -> dict:
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
 
 
+def _torch_adam_distributed(optimizer) -> list:
+    """The distributed optimizers that `optimizer` chains (one for dense, one for expert parameters) when they run
+    torch's Adam (no TransformerEngine or Apex: on CPU, or a GPU without them), else []. megatron-core 0.16.1 cannot
+    load their state by itself; `_load_distributed_torch_adam` does."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if distrib_optimizer.HAVE_APEX_OR_TE or not all(isinstance(o, distrib_optimizer.DistributedOptimizer)
+                                                     for o in subs):
+        return []
+    return subs
+
+
+def _fresh_adam_state(adam) -> None:
+    """torch's Adam state for every parameter that has none yet, as its first step would create it (step 0, zero
+    moments). megatron builds a distributed optimizer's checkpoint, and the template a load fills, from that state
+    (state_dict() asserts one Adam step across parameters), which an optimizer that has not stepped lacks: a resume
+    before any update, or a save after only skipped (fp16 overflow) steps. Unlike an Adam step on zero gradients,
+    this changes nothing: the next step proceeds as a fresh optimizer's would."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for group in adam.param_groups:
+        device_step = group.get("capturable", False) or group.get("fused", False)
+        for p in group["params"]:
+            if p.numel() == 0 or adam.state.get(p):
+                continue
+            state = adam.state[p]
+            state["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=p.device)
+                             if device_step else torch.tensor(0.0, dtype=_get_scalar_dtype()))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _load_distributed_torch_adam(optimizer, subs: list, state, directory: str) -> None:
+    """megatron's DistributedOptimizer.load_state_dict, for torch's Adam, which keeps a `step` tensor per parameter.
+    megatron-core 0.16.1 restores that step from the param groups as one tensor shared by all parameters (every
+    later Adam step would advance it once per parameter), then copies each parameter's state from the checkpoint
+    expecting a `step` there as well (KeyError: the fully_reshardable format keeps it in the param groups). The same
+    two calls, with the steps set aside during the copy and given back as one tensor per parameter."""
+    states = [state] if len(subs) == 1 else [v for _, v in sorted(state.items())]  # as ChainedOptimizer pairs them
+    if len(states) != len(subs):
+        raise ValueError(f"{directory}: the optimizer state has {len(states)} parts, this optimizer {len(subs)}")
+    for opt, sd in zip(subs, states):
+        sd = dict(sd)
+        param_state, kind = sd.pop("param_state", None), sd.pop("param_state_sharding_type", None)
+        if kind != "fully_reshardable":
+            raise ValueError(f"{directory}: distributed optimizer state saved as {kind!r}, expected fully_reshardable")
+        opt.load_state_dict(sd)  # param groups (lr, step ...), state tensors allocated
+        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items()}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step.clone()
+    if len(subs) > 1:
+        optimizer._synchronize_steps()
+
+
 def _files(directory: str) -> dict[str, int]:
     out = {}
     for root, _, names in os.walk(directory):
@@ -93,6 +151,8 @@ def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | 
         shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt killed mid-write
         os.makedirs(tmp)
     torch.distributed.barrier()
+    for opt in _torch_adam_distributed(optimizer):
+        _fresh_adam_state(opt.optimizer)
     dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), tmp)
     if rank == 0:
         os.makedirs(os.path.join(tmp, "rng"))  # after the dist save, which wants an empty directory
@@ -175,10 +235,16 @@ def load(directory: str, model, optimizer) -> dict:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     train_state = read_state(directory)
+    torch_adam = _torch_adam_distributed(optimizer)
+    for opt in torch_adam:
+        _fresh_adam_state(opt.optimizer)  # the loading template is built from it; the load overwrites it
     state = dist_checkpointing.load(_sharded(model, optimizer, is_loading=True), directory,
                                     strict=StrictHandling.RAISE_ALL)
     model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if torch_adam:
+        _load_distributed_torch_adam(optimizer, torch_adam, state["optimizer"], directory)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     rng = os.path.join(directory, "rng", f"{_layout_tag()}-rank{torch.distributed.get_rank()}.pt")
     if os.path.exists(rng):
         _set_rng_state(torch.load(rng, weights_only=False))

@@ -46,6 +46,7 @@ class OptimConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
     distributed_optimizer: bool = False
+    initial_loss_scale: float = 2.0 ** 32  # fp16 only: megatron's dynamic loss scale starts here and halves on overflow
 
 
 @dataclass
@@ -210,6 +211,8 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: loss.weights has unknown losses {sorted(unknown)} (ce, kd, preference)")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if not cfg.optim.initial_loss_scale > 0:
+        raise ConfigError(f"{where}: optim.initial_loss_scale must be positive, got {cfg.optim.initial_loss_scale}")
     if cfg.data.on_bad_sample not in ("error", "skip"):
         raise ConfigError(f"{where}: data.on_bad_sample must be error or skip")
     return cfg

@@ -8,20 +8,45 @@ from __future__ import annotations
 import os
 
 
-def load_model_tokenizer(model, path: str | None, ckpt: str):
-    """`path` or the checkpoint's tokenizer/ folder, checked against the model's vocabulary and image id."""
+def carried_tokenizer(ckpt: str):
+    """The tokenizer a checkpoint carries in its tokenizer/ folder (conversion and training copy it), or None."""
     from megamod.data.tokenizer import load_tokenizer
 
-    path = path or os.path.join(ckpt, "tokenizer")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer at {path}: set data.tokenizer")
+    path = os.path.join(ckpt, "tokenizer")
+    return load_tokenizer(path) if os.path.exists(path) else None
+
+
+def load_run_tokenizer(path: str | None, ckpt: str):
+    """`path` (e.g. data.tokenizer) or the tokenizer `ckpt` carries. Both present: they must agree on every id they
+    share (`path` may extend it, e.g. with <image> at a padding row)."""
+    from megamod.data.tokenizer import check_same_tokenizer, load_tokenizer
+
+    carried = carried_tokenizer(ckpt)
+    if path is None:
+        if carried is None:
+            raise FileNotFoundError(f"no tokenizer at {os.path.join(ckpt, 'tokenizer')}: set data.tokenizer")
+        return carried
     tok = load_tokenizer(path)
-    if tok.vocab_size > model.language.vocab_size:
-        raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than the model's vocabulary "
-                         f"({model.language.vocab_size})")
+    if carried is not None:
+        check_same_tokenizer(tok, carried, "the given", f"{ckpt}'s")
+    return tok
+
+
+def check_tokenizer_fits(model, tok, ckpt: str) -> None:
+    """The model has a row for every id of `tok` (rows past it are padding) and reads images at its <image>."""
+    rows = model.language.vocab_size
+    if tok.vocab_size > rows:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the {rows} vocabulary rows of "
+                         f"{ckpt}")
     if model.kind == "llava" and tok.token_to_id("<image>") != model.image_token_id:
-        raise ValueError(f"tokenizer {path} has <image> at id {tok.token_to_id('<image>')}, the model reads images "
+        raise ValueError(f"tokenizer {tok.path} has <image> at id {tok.token_to_id('<image>')}, {ckpt} reads images "
                          f"at id {model.image_token_id}")
+
+
+def load_model_tokenizer(model, path: str | None, ckpt: str):
+    """`path` or the checkpoint's tokenizer/ folder, checked against the model's vocabulary and image id."""
+    tok = load_run_tokenizer(path, ckpt)
+    check_tokenizer_fits(model, tok, ckpt)
     return tok
 
 

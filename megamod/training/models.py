@@ -5,9 +5,15 @@ student's sequence-parallel setting so their activations have the same sequence 
 beyond what its own config asks, frozen, in eval mode, outside DDP and the optimizer. `DistillPair` lets
 Megatron's pipeline schedules move both models' activations between stages as one tensor: [student | teacher]
 along the hidden dimension.
+
+Vocabulary: the losses run over the tokenizer's ids, not over the models' rows. Teacher and student may have
+different row counts over one tokenizer (Qwen2-7B has 152064 rows, Qwen2-0.5B 151936, for 151646 ids): both are
+built with the wider padded width (megatron loads embeddings and output layers at any width, zero-filling rows the
+checkpoint lacks), so their tensor-parallel logit shards cover the same ids. Different tokenizers are refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -23,9 +29,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None: only the checkpoint's description, for checks before loading
     meta: dict
-    cfg: LanguageModelConfig | LlavaConfig
+    cfg: LanguageModelConfig | LlavaConfig  # as built (vocab_rows may widen the padded vocabulary)
+    ckpt: str | None = None
 
     @property
     def kind(self) -> str:
@@ -40,12 +47,39 @@ class LoadedModel:
         return self.cfg.image_token_id if self.kind == "llava" else None
 
 
-def load(ckpt: str, params_dtype: torch.dtype, sequence_parallel: bool = False) -> LoadedModel:
-    """Build this rank's slice and fill every weight from `ckpt` (a missing or unused tensor is an error)."""
+def vocab_rows(*ckpts: str) -> int:
+    """The padded vocabulary width that covers every checkpoint's rows: what a teacher and student share."""
+    return max(read_model(c, "loaded as a model (language or llava)")[4].padded_vocab_size for c in ckpts)
+
+
+def with_vocab_rows(cfg, kind: str, rows: int, ckpt: str):
+    """`cfg` built with exactly `rows` embedding and output rows; unchanged when it pads to `rows` already."""
+    language = cfg.language if kind == "llava" else cfg
+    if language.padded_vocab_size == rows:
+        return cfg
+    if language.padded_vocab_size > rows:
+        raise ValueError(f"{ckpt} pads its vocabulary to {language.padded_vocab_size} rows, more than the {rows} "
+                         f"asked for: build the pair with vocab_rows(teacher, student)")
+    wide = dataclasses.replace(language, vocab_pad_multiple=rows)  # ceil(vocab_size / rows) * rows == rows
+    return dataclasses.replace(cfg, language=wide) if kind == "llava" else wide
+
+
+def describe(ckpt: str) -> LoadedModel:
+    """A checkpoint's metadata and config, no weights."""
+    meta, _, _, cfg, _ = read_model(ckpt, "loaded as a model (language or llava)")
+    return LoadedModel(None, meta, cfg, ckpt)
+
+
+def load(ckpt: str, params_dtype: torch.dtype, sequence_parallel: bool = False,
+         vocab_rows: int | None = None) -> LoadedModel:
+    """Build this rank's slice and fill every weight from `ckpt` (a missing or unused tensor is an error); with
+    `vocab_rows`, the embedding and output layer have that many rows (past the checkpoint's: zeros)."""
     meta, kind, _, cfg, _ = read_model(ckpt, "loaded as a model (language or llava)")
+    if vocab_rows is not None:
+        cfg = with_vocab_rows(cfg, kind, vocab_rows, ckpt)
     model = build_model(cfg, kind, params_dtype, sequence_parallel)
     checkpoint.load_model(model, ckpt)
-    return LoadedModel(model, meta, cfg)
+    return LoadedModel(model, meta, cfg, ckpt)
 
 
 def check_weights_loaded(model: torch.nn.Module, ckpt: str) -> None:
@@ -56,26 +90,34 @@ def check_weights_loaded(model: torch.nn.Module, ckpt: str) -> None:
                          f"zero on this rank: the teacher checkpoint holds no trained weights")
 
 
-def load_frozen_teacher(ckpt: str, params_dtype: torch.dtype, sequence_parallel: bool = False) -> LoadedModel:
+def load_frozen_teacher(ckpt: str, params_dtype: torch.dtype, sequence_parallel: bool = False,
+                        vocab_rows: int | None = None) -> LoadedModel:
     """A trained model, frozen and in eval mode (the online teacher, and the teacher-cache writer's model)."""
     meta = checkpoint.read_metadata(ckpt)
     if "init" in (meta.get("source") or {}):
         raise ValueError(f"teacher {ckpt} holds freshly initialised (random) weights, not a trained model")
-    teacher = load(ckpt, params_dtype, sequence_parallel)
+    teacher = load(ckpt, params_dtype, sequence_parallel, vocab_rows)
     check_weights_loaded(teacher.model, ckpt)
     teacher.model.requires_grad_(False)
     teacher.model.eval()
     return teacher
 
 
-def load_teacher(ckpt: str, student: LoadedModel, params_dtype: torch.dtype, sequence_parallel: bool) -> LoadedModel:
-    teacher = load_frozen_teacher(ckpt, params_dtype, sequence_parallel)
-    check_compatible(teacher, student, ckpt)
-    return teacher
+def load_teacher(ckpt: str, student: LoadedModel, params_dtype: torch.dtype, sequence_parallel: bool,
+                 tokenizer=None) -> LoadedModel:
+    """The online teacher, checked against the student and the run's `tokenizer` (default: the one the student
+    carries) before its weights load, and built at the student's padded vocabulary width."""
+    if tokenizer is None and student.ckpt is not None:
+        from megamod.training.data_setup import carried_tokenizer
+
+        tokenizer = carried_tokenizer(student.ckpt)
+    check_compatible(describe(ckpt), student, ckpt, tokenizer)
+    return load_frozen_teacher(ckpt, params_dtype, sequence_parallel, student.language.padded_vocab_size)
 
 
-def open_cache(directory: str, student: LoadedModel, pairs: bool):
-    """A teacher cache of the kind the stage reads (pairs or conversations), for the student's vocabulary."""
+def open_cache(directory: str, tokenizer, pairs: bool):
+    """A teacher cache of the kind the stage reads (pairs or conversations), written with the run's tokenizer."""
+    from megamod.data.tokenizer import vocabulary_fingerprint
     from megamod.teacher_cache.format import CacheError
     from megamod.teacher_cache.reader import TeacherCache
 
@@ -83,31 +125,35 @@ def open_cache(directory: str, student: LoadedModel, pairs: bool):
     kind = "pairs" if pairs else "conversations"
     if cache.kind != kind:
         raise CacheError(f"teacher cache {directory} holds {cache.kind}; this stage trains on {kind}")
-    if cache.vocab_size != student.language.vocab_size:
-        raise CacheError(f"teacher cache {directory} has a vocabulary of {cache.vocab_size} tokens, the student "
-                         f"{student.language.vocab_size}: distillation needs one tokenizer")
+    fingerprint = vocabulary_fingerprint(tokenizer)
+    written = cache.manifest.get("tokenizer") or {}  # absent in caches written before it was recorded
+    if cache.vocab_size != tokenizer.vocab_size or written.get("sha256", fingerprint) != fingerprint:
+        raise CacheError(f"teacher cache {directory} was written with tokenizer {written.get('path', '?')} "
+                         f"({cache.vocab_size} ids), the student reads tokenizer {tokenizer.path} "
+                         f"({tokenizer.vocab_size} ids): different tokenizers; re-write the cache with the student's")
     return cache
 
 
-def check_compatible(teacher: LoadedModel, student: LoadedModel, ckpt: str) -> None:
-    """Same tokenizer vocabulary, same image placeholder, and (under TP) vocabulary shards that line up."""
-    from megatron.core import parallel_state as ps
+def check_compatible(teacher: LoadedModel, student: LoadedModel, ckpt: str, tokenizer=None) -> None:
+    """Same kind, same image placeholder, and one tokenizer: the teacher has a row for every id of the run's
+    `tokenizer`, and the tokenizer the teacher carries (if any) gives those ids the same tokens."""
+    from megamod.data.tokenizer import check_same_tokenizer
+    from megamod.training.data_setup import carried_tokenizer, check_tokenizer_fits
 
     if teacher.kind != student.kind:
         raise ValueError(f"teacher {ckpt} is a {teacher.kind} model, the student a {student.kind} model")
-    tv, sv = teacher.language.vocab_size, student.language.vocab_size
-    if tv != sv:
-        raise ValueError(f"teacher {ckpt} has a vocabulary of {tv} tokens, the student {sv}: distillation needs one "
-                         f"tokenizer (the KD vocabulary is the true vocabulary, padding rows excluded)")
     if teacher.image_token_id != student.image_token_id:
         raise ValueError(f"teacher {ckpt} reads images at token {teacher.image_token_id}, the student at "
                          f"{student.image_token_id}")
-    tp = ps.get_tensor_model_parallel_world_size()
-    tpad, spad = teacher.language.padded_vocab_size, student.language.padded_vocab_size
-    if tp > 1 and tpad != spad:
-        raise ValueError(f"teacher {ckpt} pads its vocabulary to {tpad} rows and the student to {spad}: under TP={tp} "
-                         f"their logit shards would cover different token ids; convert both with the same "
-                         f"vocab_pad_multiple")
+    if tokenizer is None:
+        return
+    check_tokenizer_fits(teacher, tokenizer, f"teacher {ckpt}")
+    carried = carried_tokenizer(ckpt)
+    if carried is None:
+        log.warning("teacher %s carries no tokenizer/: its ids are taken to mean what %s says (only its %d rows "
+                    "are checked)", ckpt, tokenizer.path, teacher.language.vocab_size)
+        return
+    check_same_tokenizer(carried, tokenizer, f"teacher {ckpt}:", "the student's")
 
 
 def unwrap(model):

@@ -94,7 +94,9 @@ def run_model(model, mb: MicroBatch, llava: bool):
 
 @dataclass
 class Objective:
-    """The losses of a stage. `weights`: loss name -> weight (ce, kd, preference)."""
+    """The losses of a stage. `weights`: loss name -> weight (ce, kd, preference). `vocab_size`: the tokenizer's ids;
+    logit columns past it (padding rows) never reach a loss. Teacher and student logits come at one padded width
+    (training.models builds the pair so), so that each TP rank holds the same ids of both."""
 
     weights: dict
     vocab_size: int
@@ -107,9 +109,6 @@ class Objective:
     def loss(self, student_BSv: torch.Tensor, teacher_BSv: torch.Tensor | None, mb: MicroBatch):
         parts: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
-        if teacher_BSv is not None and teacher_BSv.shape[-1] != student_BSv.shape[-1]:
-            # Only at TP=1 (checked at start-up): the two models pad the vocabulary differently.
-            student_BSv, teacher_BSv = student_BSv[..., : self.vocab_size], teacher_BSv[..., : self.vocab_size]
         if "ce" in self.weights:
             rows = slice(0, mb.pairs) if mb.pairs else slice(None)  # pairs: the chosen answers only
             parts["ce"] = masked_mean(cross_entropy_BS(student_BSv[rows], mb.labels[rows], self.vocab_size),

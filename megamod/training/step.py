@@ -27,7 +27,8 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False):
 
 
 def build_optimizer(ddp_models: list, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
-                    use_distributed_optimizer: bool = False, adam_betas=(0.9, 0.999), min_lr: float = 0.0):
+                    use_distributed_optimizer: bool = False, adam_betas=(0.9, 0.999), min_lr: float = 0.0,
+                    initial_loss_scale: float = 2.0 ** 32):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -35,7 +36,7 @@ def build_optimizer(ddp_models: list, lr: float, weight_decay: float = 0.0, clip
     opt_config = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_betas[0], adam_beta2=adam_betas[1],
         clip_grad=clip_grad, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
-        use_distributed_optimizer=use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer, initial_loss_scale=initial_loss_scale,
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_models)
     # The schedule reads these from the model config: gradient sync across DP / tied embeddings, loss scaling

@@ -25,7 +25,8 @@ from megamod.distributed import collective_device
 from megamod.training import checkpoint as train_checkpoint
 from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
 from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
-from megamod.training.models import DistillPair, load, load_teacher, open_cache, unwrap
+from megamod.training.data_setup import check_tokenizer_fits, load_run_tokenizer
+from megamod.training.models import DistillPair, load, load_teacher, open_cache, unwrap, vocab_rows
 from megamod.training.objective import Objective, from_batch, pad_to
 from megamod.training.stages import apply_trainable, get_stage
 from megamod.training.step import build_optimizer, train_step, wrap_ddp
@@ -48,7 +49,13 @@ class Trainer:
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.last_stage = ps.is_pipeline_last_stage()
 
-        self.student = load(cfg.student, self.dtype)
+        # The losses' vocabulary is the tokenizer's (data.tokenizer or the student's); a teacher and the student are
+        # built with one padded vocabulary width, so that their logit shards line up under TP.
+        self.tokenizer = load_run_tokenizer(cfg.data.tokenizer, cfg.student)
+        online_teacher = self.stage.teacher and not isinstance(cfg.teacher, TeacherCacheConfig)
+        rows = vocab_rows(cfg.student, *([cfg.teacher] if online_teacher else []))
+        self.student = load(cfg.student, self.dtype, vocab_rows=rows)
+        check_tokenizer_fits(self.student, self.tokenizer, cfg.student)
         sparse = self.student.language.num_experts is not None
         if self.stage.sparse is not None and sparse != self.stage.sparse:
             raise ValueError(f"stage {cfg.stage} trains a {'sparse' if self.stage.sparse else 'dense'} student; "
@@ -61,18 +68,19 @@ class Trainer:
         self.ddp = wrap_ddp(self.student.model, cfg.optim.distributed_optimizer)
         self.teacher = self.teacher_cache = None
         if self.stage.teacher and isinstance(cfg.teacher, TeacherCacheConfig):
-            self.teacher_cache = open_cache(cfg.teacher.cache, self.student, self.stage.pairs)
+            self.teacher_cache = open_cache(cfg.teacher.cache, self.tokenizer, self.stage.pairs)
         elif self.stage.teacher:
             self.teacher = load_teacher(cfg.teacher, self.student, self.dtype,
-                                        self.student.model.config.sequence_parallel)
+                                        self.student.model.config.sequence_parallel, self.tokenizer)
         self.pair = DistillPair(self.ddp, self.teacher.model) if self.teacher and p.pp > 1 else None
         o = cfg.optim
         self.lr = o.lr if o.lr is not None else self.stage.lr
         self.optimizer = build_optimizer([self.ddp], lr=self.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
                                          use_distributed_optimizer=o.distributed_optimizer,
-                                         adam_betas=(o.adam_beta1, o.adam_beta2), min_lr=o.min_lr)
+                                         adam_betas=(o.adam_beta1, o.adam_beta2), min_lr=o.min_lr,
+                                         initial_loss_scale=o.initial_loss_scale)
         self._build_data()
-        self.objective = Objective(loss_weights(cfg), self.student.language.vocab_size, self.student.kind == "llava",
+        self.objective = Objective(loss_weights(cfg), self.tokenizer.vocab_size, self.student.kind == "llava",
                                    cfg.loss.kd, cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta)
         self._check_losses()
         self.scheduler = self._build_scheduler()
@@ -102,10 +110,10 @@ class Trainer:
     def _build_data(self) -> None:
         from megamod.data.datasets import MixedDataset
         from megamod.data.sampler import MixtureSampler, StatefulLoader
-        from megamod.training.data_setup import build_collator, build_datasets, load_model_tokenizer
+        from megamod.training.data_setup import build_collator, build_datasets
 
         cfg, d = self.cfg, self.cfg.data
-        self.tokenizer = tok = load_model_tokenizer(self.student, d.tokenizer, cfg.student)
+        tok = self.tokenizer
         kind = "pairs" if self.stage.pairs else "conversations"
         datasets = build_datasets(self.student, tok, d.train, kind, d.max_length, d.on_bad_sample)
         dataset = MixedDataset(datasets)
@@ -238,6 +246,21 @@ class Trainer:
         return {"tokens_per_s": tokens / seconds, "tflops_per_rank": flops / seconds / world / 1e12,
                 "step_s": seconds, "peak_mem_gb": peak_memory_gb()}
 
+    def _update_metrics(self, result) -> dict:
+        """grad_norm and lr of an applied update; for one megatron skipped (fp16 gradients overflowed the loss
+        scale, which it has now lowered), skipped=1 and the new scale. Any other non-finite norm is an error."""
+        out = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if not result.update_successful:
+            scale = float(self.optimizer.get_loss_scale())
+            if self.rank == 0:
+                log.warning("step %d: update skipped, fp16 gradients overflowed the loss scale (now %g)", self.step,
+                            scale)
+            return {"grad_norm": float("nan"), "skipped": 1, "loss_scale": scale, **out}
+        grad_norm = float(result.grad_norm) if result.grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {self.step} (rank {self.rank})")
+        return {"grad_norm": grad_norm, **out}
+
     def _forward_step(self):
         teacher = self.teacher.model if self.teacher is not None else None
         return self.objective.forward_step(self.ddp, teacher, self.pair)
@@ -271,16 +294,14 @@ class Trainer:
                 adjust = self.pair.adjust_tensor_shapes if self.pair is not None else None
                 result = train_step([self.ddp], self.optimizer, self._forward_step(), mbs, seq, self.micro_batch_size,
                                     schedule_model=self.pair, adjust_tensor_shapes_fn=adjust)
-                self.scheduler.step(increment=1)
+                if result.update_successful:  # as Megatron-LM: a skipped update does not advance the schedule
+                    self.scheduler.step(increment=1)
                 self.step += 1
                 metrics = self._reduce(result.losses, self.step)
                 aux = self._aux_loss() if self.sparse else None
                 if aux is not None:
                     metrics["aux"] = aux
-                grad_norm = float(result.grad_norm) if result.grad_norm is not None else float("nan")
-                if not math.isfinite(grad_norm):
-                    raise FloatingPointError(f"non-finite gradient norm at step {self.step} (rank {self.rank})")
-                metrics.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"])
+                metrics.update(self._update_metrics(result))
                 metrics.update(self._throughput(mbs, timer.lap()))
                 logger.log(self.step, metrics)
                 every = cfg.checkpoint.every

@@ -3,7 +3,7 @@
 Each job writes its results to files that the pytest process compares against single-process references.
 Job kinds:
   logits: {"layout", "ckpt", "input_ids", "out", "images"?}  -> fp32 logits [S, V] (images: a saved [N,3,R,R])
-  trainer: {"recipe", "out"} -> the Trainer's per-step metrics (rank 0)
+  trainer: {"recipe", "out", "resume"?} -> the Trainer's per-step metrics (rank 0)
   cached_rows: {"recipe", "batches", "out"} -> the teacher-cache rows each DP rank attaches (cache_checks.py)
   memory: {"layout", "model", "mbs", "seq", "out"} -> peak memory of training steps (memory_checks.py)
   eval:   {"layout", "ckpt", "task", "data", "limit", "out", "max_new_tokens"?} -> scoring.evaluate's result (writer)
@@ -83,10 +83,19 @@ def run_losses(job):
 
 
 def run_trainer(job):
-    """{"recipe": dict, "out": json path}: one stage with megamod's Trainer; rank 0 writes the step history."""
+    """{"recipe": dict, "out": json path, "resume"?: [run dir, step]}: one stage with megamod's Trainer; rank 0
+    writes the step history. With "resume", the run starts from a copy of that run directory as a crash right after
+    its step checkpoint would have left it (training_setup.run_as_of)."""
+    from megamod import distributed
     from megamod.training.config import load_config
     from megamod.training.trainer import Trainer
+    from tests.training_setup import run_as_of
 
+    if job.get("resume"):
+        distributed.initialize(distributed.ParallelConfig())  # the process group, for the barrier
+        if torch.distributed.get_rank() == 0:
+            run_as_of(job["resume"][0], job["recipe"]["out"], job["resume"][1])
+        torch.distributed.barrier()
     history = Trainer(load_config(base=job["recipe"])).train()
     if torch.distributed.get_rank() == 0:
         with open(job["out"], "w") as f:

@@ -5,8 +5,10 @@ import shutil
 
 import pytest
 
-from megamod.data.tokenizer import TokenizerError, add_special_tokens, load_tokenizer
+from megamod.data.tokenizer import (TokenizerError, add_special_tokens, check_same_tokenizer, load_tokenizer,
+                                    vocabulary_difference, vocabulary_fingerprint)
 from tests.data_fixtures.builders import build_all
+from tests.helpers import swap_token_ids
 
 TEXT = "USER: <image>\nWhat color is the circle? ASSISTANT: Red.<|endoftext|>"
 # What each tokenizer makes of TEXT, token by token (each word was trained into one token; sentencepiece keeps the
@@ -133,3 +135,27 @@ def test_tokenizers_pickle(dirs):
     for kind in dirs:
         tok = load_tokenizer(dirs[kind])
         assert pickle.loads(pickle.dumps(tok)).encode(TEXT) == tok.encode(TEXT)
+
+
+@pytest.mark.parametrize("kind", ["hf", "sentencepiece", "tiktoken"])
+def test_tokenizers_compare_by_their_id_table(dirs, kind, tmp_path):
+    """One tokenizer: the same table re-saved, or extended at new ids (as <image> at a padding row); another: ids
+    that mean other tokens, refused naming both files and the first such id."""
+    tok = load_tokenizer(dirs[kind])
+    table = tok.vocabulary()
+    assert len(table) == tok.vocab_size and table[tok.image_id] == "<image>"
+    tok.save(str(tmp_path / "copy"))
+    copy = load_tokenizer(str(tmp_path / "copy"))
+    assert vocabulary_difference(tok, copy) is None and vocabulary_fingerprint(copy) == vocabulary_fingerprint(tok)
+    extended = add_special_tokens(tok, ["<video>"])
+    assert vocabulary_difference(extended, tok) is None
+    assert vocabulary_fingerprint(extended) != vocabulary_fingerprint(tok)
+    check_same_tokenizer(extended, tok, "a", "b")
+    if kind == "hf":
+        other = load_tokenizer(swap_token_ids(dirs[kind], str(tmp_path / "other")))
+        assert other.vocab_size == tok.vocab_size and vocabulary_fingerprint(other) != vocabulary_fingerprint(tok)
+        with pytest.raises(TokenizerError, match=rf"teacher tokenizer {other.path} \({tok.vocab_size} ids\) and "
+                                                 rf"student tokenizer {dirs[kind]} .* different tokenizers: id 100 is"):
+            check_same_tokenizer(other, tok, "teacher", "student")
+    other_kind = {"hf": "sentencepiece", "sentencepiece": "tiktoken", "tiktoken": "hf"}[kind]
+    assert vocabulary_difference(tok, load_tokenizer(dirs[other_kind])) is not None

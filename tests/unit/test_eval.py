@@ -70,7 +70,8 @@ def test_circular_evaluation_on_fake_choices(engine_setup, monkeypatch, oracle):
         return chosen
 
     monkeypatch.setattr(runner, "choose", fake_choose)
-    loaded = SimpleNamespace(kind="llava", image_token_id=tok.image_id)
+    loaded = SimpleNamespace(kind="llava", image_token_id=tok.image_id,
+                             language=SimpleNamespace(vocab_size=tok.vocab_size))
     result = scoring.evaluate_model(loaded, tok, "mcq", items, circular=True)
     first_a = sum(it.answer == 0 for it in items) / len(items)
     assert result["count"] == 6
@@ -124,6 +125,37 @@ def test_yes_no_choice_equals_an_independent_forward(engine_setup, world1):
     batched_BV = last_logits(loaded.model, tokens_BS, torch.tensor([len(r) - 1 for r in rows]),
                              loaded.language.vocab_size, torch.cat(images))
     torch.testing.assert_close(batched_BV, torch.stack(singles), rtol=1e-4, atol=1e-4)
+
+
+def test_eval_reads_the_tokenizers_ids_not_the_models_rows(engine_setup, monkeypatch, tmp_path):
+    """A given tokenizer whose ids mean other tokens than the checkpoint's own is refused, naming both; generation
+    chooses among the tokenizer's ids (a model's rows past them are padding); a tokenizer wider than the model is
+    refused."""
+    from megamod.data.tokenizer import TokenizerError
+    from megamod.eval import generate
+    from tests.helpers import swap_token_ids
+
+    p, tok = engine_setup, _tok(engine_setup)
+    other = swap_token_ids(os.path.join(p["teacher"], "tokenizer"), str(tmp_path / "other"))
+    with pytest.raises(TokenizerError, match=rf"given tokenizer {other} .* {p['teacher']}'s tokenizer .* id 100"):
+        scoring.evaluate(p["teacher"], "pope", os.path.join(p["data"], "eval", "pope_random.jsonl"), limit=2,
+                         tokenizer=other)
+    seen = {}
+
+    def fake_generate(loaded, rows, **kw):
+        seen.update(kw)
+        return {key: [] for key, _, _ in rows}
+
+    monkeypatch.setattr(generate, "greedy_generate", fake_generate)
+    items = formats.read_open(os.path.join(p["data"], "eval", "captions.jsonl"), limit=2)
+
+    def model(rows):
+        return SimpleNamespace(kind="llava", image_token_id=tok.image_id, language=SimpleNamespace(vocab_size=rows))
+
+    scoring.evaluate_model(model(tok.vocab_size + 32), tok, "caption", items)
+    assert seen["vocab_size"] == tok.vocab_size
+    with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens, more than the model's {tok.vocab_size - 1}"):
+        scoring.evaluate_model(model(tok.vocab_size - 1), tok, "caption", items)
 
 
 # ---- readers ----------------------------------------------------------------------------------------------------

@@ -40,3 +40,68 @@ def test_sbatch_parses_and_dry_run_prints_the_srun_line():
     assert "world size 16 (2 nodes x 8 GPUs)" in out
     assert (f"srun --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 --kill-on-bad-exit=1 python -m megamod train "
             f"--config {recipe} optim.lr=1e-5") in out
+
+
+# A stand-in for srun: records its arguments, then does what SRUN_MODE says. "signal" sends the batch script the
+# USR1 SLURM sends before the time limit while the script waits, then fails.
+STUB_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$STUB_DIR/srun.args"
+case "$SRUN_MODE" in
+  fail) exit 1 ;;
+  kill) kill -9 $$ ;;
+  signal) sleep 0.5; kill -USR1 $PPID; sleep 0.5; exit 3 ;;
+esac
+"""
+STUB_SCONTROL = """#!/bin/bash
+printf '%s\\n' "$*" > "$STUB_DIR/scontrol.args"
+"""
+
+
+def _run_sbatch(tmp_path, mode: str, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    for name, text in {"srun": STUB_SRUN, "scontrol": STUB_SCONTROL}.items():
+        (stub / name).write_text(text)
+        (stub / name).chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("GPUS_PER_NODE",
+                                                                                           "TASKS_PER_NODE")}
+    env = {**clean, "PATH": f"{stub}:{os.environ['PATH']}", "STUB_DIR": str(tmp_path), "SRUN_MODE": mode,
+           "SLURM_JOB_ID": "42", **env}
+    proc = subprocess.run(["bash", SBATCH, "recipe.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    return proc, (tmp_path / "srun.args").read_text().split("\n")[:-1]
+
+
+@pytest.mark.parametrize("mode, status", [("ok", 0), ("fail", 1), ("kill", 128 + 9)])
+def test_sbatch_exits_with_the_status_of_the_training(tmp_path, mode, status):
+    proc, _ = _run_sbatch(tmp_path, mode, SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2")
+    assert proc.returncode == status, proc.stderr
+    assert ("training failed" in proc.stderr) == (status != 0)
+
+
+def test_sbatch_status_survives_the_time_limit_signal(tmp_path):
+    """USR1 interrupts the script's wait (which then returns 138): the status must still be srun's."""
+    proc, _ = _run_sbatch(tmp_path, "signal", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
+
+
+def test_sbatch_passes_gpu_flags_only_when_there_are_gpus(tmp_path):
+    # A CPU partition: no GPU request anywhere (a gres flag fails where no GPU exists), the job's tasks per node.
+    for env in ({}, {"GPUS_PER_NODE": "0"}):
+        proc, args = _run_sbatch(tmp_path, "ok", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2", **env)
+        assert proc.returncode == 0, proc.stderr
+        assert args[:4] == ["--nodes", "1", "--ntasks-per-node", "2"]
+        assert not any("gpu" in a or "gres" in a for a in args), args
+        assert "world size 2 (1 nodes x 2 CPU tasks)" in proc.stdout
+    with open(SBATCH) as f:
+        assert not any(line.startswith("#SBATCH") and ("gpu" in line or "gres" in line) for line in f)
+    # A job given GPUs (sbatch --gpus-per-node h100:4): one task per GPU, the GPUs passed on to srun.
+    proc, args = _run_sbatch(tmp_path, "ok", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="8",
+                             SLURM_GPUS_PER_NODE="h100:4")
+    assert proc.returncode == 0, proc.stderr
+    assert args[:6] == ["--nodes", "2", "--ntasks-per-node", "4", "--gpus-per-node", "4"]
+    assert args[6:] == ["--kill-on-bad-exit=1", "python", "-m", "megamod", "train", "--config", "recipe.yaml"]
+    proc = subprocess.run(["bash", SBATCH, "recipe.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "GPUS_PER_NODE": "eight"})
+    assert proc.returncode == 2 and "GPUS_PER_NODE" in proc.stderr

@@ -84,21 +84,25 @@ def test_untrained_or_mismatched_teachers_are_refused(engine_setup, tmp_path):
         _trainer(base_recipe(p["root"], "d2s", p["student"], str(tmp_path / "b"), teacher=p["teacher"]))
     with pytest.raises(ValueError, match="needs a teacher"):
         _trainer(base_recipe(p["root"], "d2d", p["student"], str(tmp_path / "c")))
-    # A teacher with another vocabulary (another tokenizer) cannot teach this student.
+    # A teacher whose tokenizer gives ids other tokens cannot teach this student, whatever rows either has.
     import json
 
     from megamod import checkpoint
-    from megamod.data.tokenizer import load_tokenizer
+    from megamod.data.tokenizer import TokenizerError, load_tokenizer
     from megamod.models.factory import init_checkpoint
+    from tests.helpers import swap_token_ids
     from tests.training_setup import TEACHER_LM, llava_config
 
-    tok = load_tokenizer(os.path.join(p["data"], "tokenizer"))
+    tok_dir = os.path.join(p["data"], "tokenizer")
+    tok, other_tok = load_tokenizer(tok_dir), swap_token_ids(tok_dir, str(tmp_path / "other_tok"))
     other = str(tmp_path / "other_teacher")
-    init_checkpoint(llava_config(tok.vocab_size + 7, tok.image_id, **TEACHER_LM), "llava", other)
+    init_checkpoint(llava_config(tok.vocab_size + 7, tok.image_id, **TEACHER_LM), "llava", other,
+                    tokenizer_dir=other_tok)
     meta = checkpoint.read_metadata(other)
     with open(os.path.join(other, checkpoint.METADATA), "w") as f:
         json.dump({**meta, "source": {"trained": "elsewhere"}}, f)
-    with pytest.raises(ValueError, match=f"vocabulary of {tok.vocab_size + 7} tokens, the student {tok.vocab_size}"):
+    with pytest.raises(TokenizerError, match=f"teacher {other}: tokenizer {other}/tokenizer .* and the student's "
+                                             f"tokenizer {p['student']}/tokenizer .* different tokenizers: id 100"):
         _trainer(base_recipe(p["root"], "d2d", p["student"], str(tmp_path / "d"), teacher=other))
 
 
