@@ -6,6 +6,7 @@ Build with `pip install --no-build-isolation -e .` so that the already installed
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -35,9 +36,33 @@ def _extension():
     )
 
 
-def _requirements():
-    with open(os.path.join(HERE, "requirements.txt")) as f:
-        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+def _megatron_core_range():
+    """megamod/mcore_version.py's SUPPORTED, read rather than imported (megamod's imports need its dependencies)."""
+    with open(os.path.join(HERE, "megamod", "mcore_version.py")) as f:
+        return re.search(r'^SUPPORTED = "([^"]+)"', f.read(), re.M).group(1)
+
+
+# Ranges, not requirements*.txt's pins (those are the two test environments `make test` builds): `pip install
+# megamod` must leave a user's torch and megatron-core alone where megamod supports them. megatron-core: the series
+# megamod is tested on (0.16 on Python 3.11, 0.19 on 3.12; 0.17 and 0.18 are not), the same range that
+# megamod/mcore_version.py checks at start-up. torch: 2.11 ran the GPU tier, 2.13 the CPU suite.
+INSTALL_REQUIRES = [
+    "megatron-core" + _megatron_core_range(),
+    "torch>=2.11",
+    "numpy>=1.26",
+    "psutil",  # megatron-core's dist-checkpoint writer needs it without declaring it
+    "transformers>=5.0",
+    "safetensors",
+    "tokenizers",
+    "sentencepiece",
+    "tiktoken",
+    "protobuf",
+    "pillow",
+    "matplotlib",
+    "pyyaml",
+    "tqdm",
+    "tensorboard",
+]
 
 
 setup(
@@ -46,8 +71,8 @@ setup(
     description="LLaVA-MoD distillation of vision-language models into small MoE students on Megatron-Core",
     packages=find_packages(include=["megamod", "megamod.*"]),
     python_requires=">=3.10",
-    install_requires=_requirements(),
-    extras_require={"gpu": ["transformer-engine[pytorch]"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"gpu": ["transformer-engine[pytorch]"], "test": ["pytest"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["megamod=megamod.cli:main"]},

@@ -1,9 +1,11 @@
-"""The one place that lets megatron-core 0.16.1 run on CPU + gloo.
+"""The one place that lets megatron-core (0.16 and 0.19, see mcore_version) run on CPU + gloo.
 
 megatron-core targets CUDA + NCCL. megamod's tests and CPU quickstart run it on CPU, so the few places where it
 assumes a GPU are adjusted here, and only when CUDA is unavailable (`distributed.initialize` calls `apply()`; a GPU
 run never does). Each adjustment names the megatron-core function it stands in for and why, is reversible (tests
-show the unadjusted call fails), and is covered by tests/unit/test_cpu_compat.py.
+show the unadjusted call fails), and is covered by tests/unit/test_cpu_compat.py. Each names the megatron-core series
+that need it: `apply()` installs only those of the installed series, and the tests, run on both, prove each one needed
+where it applies and absent where it is not (0.19 defines te_general_gemm itself).
 
 Not here, because they are about a missing TransformerEngine rather than a missing GPU, and a spec or config does
 them without patching: sequence parallelism with torch norms (megamod's local spec uses
@@ -22,9 +24,9 @@ from typing import Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-log = logging.getLogger(__name__)
+from megamod import mcore_version
 
-MEGATRON_CORE_VERSION = "0.16.1"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Adjustment:
     stands_in_for: str
     why: str
     install: Callable[[], Callable[[], None]]  # installs the adjustment, returns its undo
+    series: tuple[str, ...] = mcore_version.SERIES  # the megatron-core series that need it
 
 
 def _setattr(module_name: str, attr: str, value) -> Callable[[], None]:
@@ -317,8 +320,8 @@ ADJUSTMENTS: dict[str, Adjustment] = {
                    "alltoall dispatcher, p2p communication and the dist-ckpt writer synchronise CUDA streams",
                    _install_streams),
         Adjustment("te_names", "moe.moe_utils.te_general_gemm",
-                   "router gating reads te_general_gemm, undefined when TransformerEngine is missing",
-                   _install_te_names),
+                   "router gating reads te_general_gemm, undefined when TransformerEngine is missing "
+                   "(0.19 defines it as None)", _install_te_names, series=("0.16",)),
         Adjustment("split_sizes", "moe.token_dispatcher.maybe_move_tensor_to_cpu",
                    "alltoall split sizes reach torch.distributed as tensors unless they started on CUDA",
                    _install_split_sizes),
@@ -335,22 +338,23 @@ ADJUSTMENTS: dict[str, Adjustment] = {
 _undo: dict[str, Callable[[], None]] = {}
 
 
-def check_version() -> None:
-    from megatron.core import package_info
-
-    if package_info.__version__ != MEGATRON_CORE_VERSION:
-        raise RuntimeError(
-            f"megamod.cpu_compat is written for megatron-core {MEGATRON_CORE_VERSION}, found "
-            f"{package_info.__version__}: run tests/unit/test_cpu_compat.py to see which adjustments still hold"
-        )
+def needed() -> list[str]:
+    """The adjustments the installed megatron-core needs (raises for an unsupported one)."""
+    series = mcore_version.check()
+    return [name for name, a in ADJUSTMENTS.items() if series in a.series]
 
 
 def apply(names=None) -> None:
-    """Install the adjustments (all by default). Idempotent; refuses to run where CUDA is available."""
+    """Install the adjustments (all those the installed megatron-core needs, by default). Idempotent; refuses to run
+    where CUDA is available, and refuses a name this megatron-core does not need (patching it would hide that)."""
     if torch.cuda.is_available():
         raise RuntimeError("megamod.cpu_compat is for CPU-only runs; CUDA is available")
-    check_version()
-    for name in (ADJUSTMENTS if names is None else names):
+    wanted = needed()
+    for name in (wanted if names is None else names):
+        if name not in wanted:
+            series = ", ".join(ADJUSTMENTS[name].series)
+            raise ValueError(f"cpu_compat adjustment {name!r} is for megatron-core {series}, "
+                             f"not the installed {mcore_version.installed()}")
         if name not in _undo:
             _undo[name] = ADJUSTMENTS[name].install()
             log.debug("cpu_compat: %s stands in for %s", name, ADJUSTMENTS[name].stands_in_for)

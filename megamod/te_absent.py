@@ -1,4 +1,4 @@
-"""megatron-core 0.16.1 without TransformerEngine: the one name it reads unguarded, on any device.
+"""megatron-core 0.16 without TransformerEngine: the one name it reads unguarded, on any device (0.19 defines it).
 
 moe_utils imports `te_general_gemm` in a try block that leaves the name undefined when TransformerEngine is missing,
 and the router's gating reads it: a NameError at the first MoE forward, on a GPU as on a CPU. Defining it as None

@@ -176,9 +176,9 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
     if cfg.num_experts is not None:
         # megatron-core's per-layer aux-loss log is process-global and sized by the first MoE model that writes to
         # it; a model with another layer count would index past it. Each sparse model starts a fresh log.
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        get_moe_layer_wise_logging_tracker().clear()
+        _clear_aux_loss_log()
         # Likewise the aux-loss gradient scale: a MoE backward outside the pipeline schedule leaves a 0-d tensor
         # there, which the schedule's later copy_ of its [1]-shaped scale cannot broadcast into.
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
@@ -202,6 +202,20 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
         model.output_layer.register_forward_hook(_contiguous_logit_grads)
     model.megamod_config = cfg
     return on_device(model)
+
+
+def _clear_aux_loss_log():
+    """Empty megatron-core's MoE metrics log. 0.16 keeps it in the dict get_moe_layer_wise_logging_tracker returns;
+    0.19 in a MoEMetricsTracker, of which that function returns a copy (clearing the copy would leave the old entries
+    and their values in place)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # 0.16
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    else:
+        get_moe_metrics_tracker().metrics.clear()
 
 
 def _row_major(grad):

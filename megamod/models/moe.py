@@ -82,12 +82,13 @@ _announced = False
 class MegamodMoELayer(MoELayer):
     """megatron-core's MoELayer with megamod's permute/unpermute in the token dispatcher."""
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
         from megatron.core.transformer.moe.moe_layer import get_default_pg_collection
 
         global _announced
         pg_collection = pg_collection or get_default_pg_collection()
-        super().__init__(config, submodules, layer_number, pg_collection)
+        # kwargs: what megatron-core 0.19's TransformerLayer passes on (is_mtp_layer, name); 0.16 passes none
+        super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
         cls = _DISPATCHERS.get(config.moe_token_dispatcher_type)
         if cls is None or not ops.extension_available():
             if not _announced:

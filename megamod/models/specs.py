@@ -10,6 +10,7 @@ Both are megatron-core's, with modules swapped through the spec (no patching):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -49,6 +50,9 @@ def _swap(spec, modules: dict):
     if isinstance(spec, ModuleSpec):
         return dataclasses.replace(spec, module=_swap(spec.module, modules),
                                    submodules=_swap(spec.submodules, modules))
+    if isinstance(spec, functools.partial):  # megatron-core 0.19 specs some modules (the MoE layer) as partials
+        return functools.partial(_swap(spec.func, modules), *_swap(spec.args, modules),
+                                 **{k: _swap(v, modules) for k, v in spec.keywords.items()})
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return dataclasses.replace(spec, **{f.name: _swap(getattr(spec, f.name), modules)
                                             for f in dataclasses.fields(spec)})

@@ -9,6 +9,7 @@ Shapes: T tokens, H hidden, E experts, P permuted rows (routed (token, expert) p
 import functools
 import importlib
 import logging
+from types import SimpleNamespace
 from typing import Optional, Tuple, Union
 
 import torch
@@ -90,13 +91,26 @@ def permute(
     """
     ext = _extension()
     if ext is None:
-        return moe_utils.permute(tokens, routing_map, probs=probs, num_out_tokens=num_out_tokens)
+        return megatron_permute(tokens, routing_map, probs=probs, num_out_tokens=num_out_tokens)
     if num_out_tokens is not None:
         num_out_tokens = int(num_out_tokens)
     row_id_map_TE, num_rows = ext.build_row_id_map(routing_map.contiguous(), num_out_tokens)
     probs_TE = None if probs is None else probs.contiguous()
     permuted_PH, permuted_probs_P = _Permute.apply(tokens.contiguous(), probs_TE, row_id_map_TE, num_rows)
     return permuted_PH, permuted_probs_P, row_id_map_TE
+
+
+def megatron_permute(tokens, routing_map, probs=None, num_out_tokens=None):
+    """megatron-core's torch `moe_utils.permute` (the oracle and the fallback) with `permute`'s signature and three
+    results, on 0.16 and 0.19 alike: 0.19 requires num_out_tokens and returns two more results (pad offsets and padded
+    counts, for its fused kernels; None and the input counts on the torch path)."""
+    if num_out_tokens is None:
+        num_out_tokens = int(routing_map.sum())
+    return tuple(moe_utils.permute(tokens, routing_map, probs=probs, num_out_tokens=int(num_out_tokens))[:3])
+
+
+# megatron-core's torch path with this module's interface: the oracle of the tests and the benchmark's reference.
+MEGATRON_TORCH_PATH = SimpleNamespace(permute=megatron_permute, unpermute=moe_utils.unpermute)
 
 
 def unpermute(

@@ -5,6 +5,9 @@ Adjustments are process-global. Other test modules may have applied them already
 "fails without" uses `cpu_compat.without(name)`, which restores the adjustment afterwards, and the module leaves the
 process as `megamod.distributed.initialize()` leaves it (all adjustments applied, RNG tracker seeded).
 
+`make test` runs this file on megatron-core 0.16 (.venv) and 0.19 (.venv312): an adjustment that a series does not
+need is absent there (`cpu_compat.needed()`), and its test shows the unadjusted call already works.
+
 The two-rank checks (uneven gloo collectives, alltoall split sizes) run in ONE launch of two plain Python processes
 that re-run this file as a script (`python test_cpu_compat.py --two-rank-worker ...`), which works whatever pytest's
 import mode is. A hang fails the test: the workers dump their stacks and exit via faulthandler, the parent kills them
@@ -23,6 +26,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWO_RANK_TIMEOUT_S = 120  # worker watchdog; the parent waits a little longer
+# What a CUDA call raises without a GPU: the CPU build of torch (.venv, Python 3.11) asserts or has dummy stream
+# classes; the CUDA build PyPI serves for Python 3.12 (.venv312) finds no driver.
+NO_CUDA = (AssertionError, RuntimeError)
+NO_CUDA_MSG = "not compiled with CUDA|requires CUDA|dummy base class Event|no NVIDIA driver|CUDA driver version"
 
 # Two-rank inputs, shared by the worker (which computes) and the tests (which know the expected answers).
 SIZES = [2, 3]  # uneven first-dim split over the two ranks
@@ -198,6 +205,12 @@ def _compat():
     return cpu_compat
 
 
+def _series():
+    from megamod import mcore_version
+
+    return mcore_version.check()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 1. rng
 # --------------------------------------------------------------------------------------------------------------------
@@ -207,7 +220,7 @@ def test_rng_tracker_needed_and_forks_cpu_streams():
     from megatron.core.tensor_parallel import random as mrandom
 
     with cpu_compat.without("rng"):
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             tensor_parallel.model_parallel_cuda_manual_seed(123)
 
     tensor_parallel.model_parallel_cuda_manual_seed(123)
@@ -282,9 +295,9 @@ def test_current_device_needed_and_allocates_on_cpu():
     from megatron.core.utils import GlobalMemoryBuffer
 
     with cpu_compat.without("current_device"):
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "mpu")
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=False)
 
     assert torch.cuda.current_device() == torch.device("cpu")
@@ -311,9 +324,9 @@ def test_device_mode_needed_and_maps_cuda_to_cpu():
     from megatron.core.transformer.utils import get_default_causal_mask
 
     with cpu_compat.without("device_mode"):
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             get_default_causal_mask(4)
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             torch.ones(2).cuda()
 
     mask = get_default_causal_mask(4)
@@ -362,17 +375,17 @@ def test_streams_needed_and_alltoall_dispatcher_round_trip(monkeypatch):
         return out
 
     with cpu_compat.without("streams"):
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             torch.cuda.synchronize()
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             torch.cuda.Stream()
-        with pytest.raises(RuntimeError, match="Event"):
-            torch.cuda.Event()
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):  # the CUDA build makes an Event lazily: record fails
+            torch.cuda.Event().record()
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             side_stream_copy(torch.arange(3.0))
         # the dispatcher creates its class-wide DtoH stream on first construction
         monkeypatch.setattr(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", None)
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             build()
     assert torch.cuda.synchronize() is None
     assert torch.equal(side_stream_copy(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
@@ -387,7 +400,7 @@ def test_streams_needed_and_alltoall_dispatcher_round_trip(monkeypatch):
 
     with cpu_compat.without("streams"):
         # _maybe_dtoh_and_synchronize asks for torch.cuda.current_stream()
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             dispatcher.dispatch_preprocess(h, routing_map, probs)
 
     x, p = dispatcher.dispatch_preprocess(h, routing_map, probs)
@@ -402,24 +415,32 @@ def test_streams_needed_and_alltoall_dispatcher_round_trip(monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 # 5. te_names
 # --------------------------------------------------------------------------------------------------------------------
-def test_te_names_needed_and_router_gating_equals_linear():
+def test_te_names_needed_on_016_only_and_router_gating_equals_linear():
     cpu_compat = _compat()
     from megatron.core.transformer.moe import moe_utils
+
+    from megamod import te_absent
 
     gen = torch.Generator().manual_seed(1)
     inp = torch.randn(5, 8, generator=gen)
     weight = torch.randn(4, 8, generator=gen)
 
-    with cpu_compat.without("te_names"):
-        with pytest.raises(NameError, match="te_general_gemm"):
-            moe_utils.router_gating_linear(inp, weight, None, torch.float32)
-        # the same fix on a GPU without TransformerEngine (distributed.initialize applies it there)
-        from megamod import te_absent
-
-        assert te_absent.apply() and not te_absent.apply()
-        torch.testing.assert_close(moe_utils.router_gating_linear(inp, weight, None, torch.float32),
-                                   torch.nn.functional.linear(inp, weight))
-        del moe_utils.te_general_gemm
+    if _series() == "0.16":
+        assert "te_names" in cpu_compat.needed()
+        with cpu_compat.without("te_names"):
+            with pytest.raises(NameError, match="te_general_gemm"):
+                moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+            # the same fix on a GPU without TransformerEngine (distributed.initialize applies it there)
+            assert te_absent.apply() and not te_absent.apply()
+            torch.testing.assert_close(moe_utils.router_gating_linear(inp, weight, None, torch.float32),
+                                       torch.nn.functional.linear(inp, weight))
+            del moe_utils.te_general_gemm
+    else:
+        # 0.19 defines the name as None without TransformerEngine: nothing to adjust, and apply() refuses to
+        assert "te_names" not in cpu_compat.needed() and "te_names" not in cpu_compat.applied()
+        assert moe_utils.te_general_gemm is None and not te_absent.apply()
+        with pytest.raises(ValueError, match="'te_names' is for megatron-core 0.16, not the installed 0.19"):
+            cpu_compat.apply(["te_names"])
 
     x = inp.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -635,7 +656,7 @@ def test_optimizer_types_needed_and_distributed_optimizer_steps():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# apply / revert / without / check_version
+# apply / revert / without / the version check
 # --------------------------------------------------------------------------------------------------------------------
 def _installed_objects():
     """Every object the adjustments replace, by where megatron (or torch) looks it up."""
@@ -674,7 +695,7 @@ def _device_modes():
 def test_apply_is_idempotent():
     cpu_compat = _compat()
     cpu_compat.apply()
-    assert sorted(cpu_compat.applied()) == sorted(cpu_compat.ADJUSTMENTS)
+    assert sorted(cpu_compat.applied()) == sorted(cpu_compat.needed())
     first = _installed_objects()
     assert len(_device_modes()) == 1
     cpu_compat.apply()
@@ -682,7 +703,7 @@ def test_apply_is_idempotent():
     second = _installed_objects()
     assert all(second[k] is first[k] for k in first), [k for k in first if second[k] is not first[k]]
     assert len(_device_modes()) == 1
-    assert sorted(cpu_compat.applied()) == sorted(cpu_compat.ADJUSTMENTS)
+    assert sorted(cpu_compat.applied()) == sorted(cpu_compat.needed())
 
 
 def test_revert_restores_original_objects_and_apply_reinstalls():
@@ -706,7 +727,7 @@ def test_revert_restores_original_objects_and_apply_reinstalls():
         assert orig["tracker_cls"].__module__ == mrandom.__name__
         assert orig["tracker_cls"].__qualname__ == "CudaRNGStatesTracker"
         assert orig["get_rng"].__qualname__ == "_get_cuda_rng_state"
-        assert orig["te_general_gemm"] == "missing"
+        assert orig["te_general_gemm"] == ("missing" if _series() == "0.16" else None)
         assert orig["maybe_move"] is moe_utils.maybe_move_tensor_to_cpu
         assert orig["gather"].__module__ == mappings.__name__
         assert orig["gather"].__qualname__ == "_gather_along_first_dim"
@@ -714,17 +735,18 @@ def test_revert_restores_original_objects_and_apply_reinstalls():
         assert orig["distopt_init"].__qualname__ == "DistributedOptimizer.__init__"
         assert orig["distopt_init"].__module__ == distrib_optimizer.__name__
         assert _device_modes() == []
-        with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        with pytest.raises(NO_CUDA, match=NO_CUDA_MSG):
             torch.cuda.current_device()
-        # every object differs from its stand-in
-        assert all(orig[k] is not adjusted[k] for k in orig), [k for k in orig if orig[k] is adjusted[k]]
+        # every object differs from its stand-in (0.19 keeps its own te_general_gemm)
+        replaced = [k for k in orig if k != "te_general_gemm" or "te_names" in cpu_compat.needed()]
+        assert all(orig[k] is not adjusted[k] for k in replaced), [k for k in replaced if orig[k] is adjusted[k]]
 
         cpu_compat.apply()
-        assert sorted(cpu_compat.applied()) == sorted(cpu_compat.ADJUSTMENTS)
+        assert sorted(cpu_compat.applied()) == sorted(cpu_compat.needed())
         assert torch.cuda.current_device() == torch.device("cpu")
         assert len(_device_modes()) == 1
         reapplied = _installed_objects()
-        assert all(reapplied[k] is not orig[k] for k in orig), [k for k in orig if reapplied[k] is orig[k]]
+        assert all(reapplied[k] is not orig[k] for k in replaced), [k for k in replaced if reapplied[k] is orig[k]]
 
         cpu_compat.revert()
         again = _installed_objects()
@@ -740,45 +762,48 @@ def test_without_removes_one_adjustment_and_restores_it():
     stand_in = torch.cuda.synchronize
     with cpu_compat.without("streams"):
         assert "streams" not in cpu_compat.applied()
-        assert set(cpu_compat.applied()) == set(cpu_compat.ADJUSTMENTS) - {"streams"}
+        assert set(cpu_compat.applied()) == set(cpu_compat.needed()) - {"streams"}
         assert torch.cuda.synchronize is not stand_in
-    assert set(cpu_compat.applied()) == set(cpu_compat.ADJUSTMENTS)
+    assert set(cpu_compat.applied()) == set(cpu_compat.needed())
     assert torch.cuda.synchronize() is None
     # restored even when the body raises
     with pytest.raises(KeyError):
-        with cpu_compat.without("te_names"):
+        with cpu_compat.without("split_sizes"):
             raise KeyError
-    assert "te_names" in cpu_compat.applied()
+    assert "split_sizes" in cpu_compat.applied()
 
 
 def test_apply_refuses_when_cuda_is_available(monkeypatch):
     cpu_compat = _compat()
-    with cpu_compat.without("te_names"):
+    with cpu_compat.without("split_sizes"):
         with monkeypatch.context() as m:
             m.setattr(torch.cuda, "is_available", lambda: True)
             with pytest.raises(RuntimeError, match="CUDA is available"):
                 cpu_compat.apply()
             with pytest.raises(RuntimeError, match="CUDA is available"):
-                cpu_compat.apply(["te_names"])
-            assert "te_names" not in cpu_compat.applied()
-    assert "te_names" in cpu_compat.applied()
+                cpu_compat.apply(["split_sizes"])
+            assert "split_sizes" not in cpu_compat.applied()
+    assert "split_sizes" in cpu_compat.applied()
 
 
-def test_check_version_rejects_other_megatron(monkeypatch):
+def test_needed_by_series_and_unsupported_version_refused(monkeypatch):
     cpu_compat = _compat()
     from megatron.core import package_info
 
-    assert package_info.__version__ == cpu_compat.MEGATRON_CORE_VERSION == "0.16.1"
-    cpu_compat.check_version()  # the pinned version passes
-    with cpu_compat.without("te_names"):
+    everything_but_te = sorted(set(cpu_compat.ADJUSTMENTS) - {"te_names"})
+    assert sorted(cpu_compat.needed()) == sorted(cpu_compat.ADJUSTMENTS if _series() == "0.16" else everything_but_te)
+    with cpu_compat.without("split_sizes"):
         with monkeypatch.context() as m:
-            m.setattr(package_info, "__version__", "0.17.0")
-            with pytest.raises(RuntimeError, match=r"megatron-core 0\.16\.1, found 0\.17\.0"):
-                cpu_compat.check_version()
-            with pytest.raises(RuntimeError, match="found 0.17.0"):
+            for version, expected in (("0.16.1", sorted(cpu_compat.ADJUSTMENTS)), ("0.19.2", everything_but_te)):
+                m.setattr(package_info, "__version__", version)
+                assert sorted(cpu_compat.needed()) == expected
+            m.setattr(package_info, "__version__", "0.18.2")
+            with pytest.raises(RuntimeError, match=r"megatron-core 0\.18\.2 is installed; megamod supports"):
                 cpu_compat.apply()
-            assert "te_names" not in cpu_compat.applied()
-    assert "te_names" in cpu_compat.applied()
+            with pytest.raises(RuntimeError, match="0.18.2"):
+                cpu_compat.apply(["split_sizes"])
+            assert "split_sizes" not in cpu_compat.applied()
+    assert "split_sizes" in cpu_compat.applied()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,11 @@ def test_output_layer_backward_is_one_gemm(world1, B):
     plain = build(0)
     plain.output_layer._forward_hooks.clear()  # megatron-core as it comes
     plain_ops, plain_grads = step(plain, B)
-    assert "aten::bmm" in plain_ops  # what the hook avoids: still so in this megatron-core and torch
+    # What the hook avoids: megatron-core 0.16's frozen-weight backward runs a batched GEMM; 0.19 reshapes the gradient
+    # to 2-D itself, and the hook is then only harmless. Asserted per series, so a release that changes it shows here.
+    from megamod import mcore_version
+
+    assert ("aten::bmm" in plain_ops) == (mcore_version.check() == "0.16")
     for name, grad in grads.items():  # the same sums in another order: fp32 rounding of the largest entries
         ref = plain_grads[name]
         torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

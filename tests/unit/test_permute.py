@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
-from megatron.core.transformer.moe import moe_utils
 
 from megamod import ops
 
 permute_module = importlib.import_module("megamod.ops.permute")  # `megamod.ops.permute` is also the function
+MEGATRON = permute_module.MEGATRON_TORCH_PATH  # megatron-core's oracle, called as ops is on 0.16 and 0.19
 
 H = 40
 
@@ -80,7 +80,7 @@ def test_permute_matches_megatron(name, T, E, k, dtype, probs_dtype, tol):
     routing_map_TE, probs_TE = make_routing(name, T, E, k, probs_dtype)
     tokens_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
     runs = []
-    for impl in (ops, moe_utils):
+    for impl in (ops, MEGATRON):
         x_TH, p_TE = leaf(tokens_TH), leaf(probs_TE)
         permuted_PH, permuted_probs_P, _ = impl.permute(x_TH, routing_map_TE, probs=p_TE,
                                                         num_out_tokens=int(routing_map_TE.sum()))
@@ -102,7 +102,7 @@ def test_unpermute_matches_megatron(name, T, E, k, dtype, probs_dtype, tol, with
     permuted_PH = torch.randn(P, H, generator=torch.Generator().manual_seed(1)).to(dtype)
     grad_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(dtype)
     runs = []
-    for impl in (ops, moe_utils):
+    for impl in (ops, MEGATRON):
         _, _, index_map = impl.permute(torch.zeros(T, H, dtype=dtype), routing_map_TE)
         y_PH, p_TE = leaf(permuted_PH), leaf(probs_TE)
         out_TH = impl.unpermute(y_PH, index_map, (T, H), probs=p_TE if with_probs else None,
@@ -171,7 +171,7 @@ def test_fallback_equals_oracle_and_logs_once(no_extension, caplog):
     with caplog.at_level(logging.WARNING, logger=permute_module.__name__):
         assert not ops.extension_available()
         runs = []
-        for impl in (ops, moe_utils):
+        for impl in (ops, MEGATRON):
             permuted_PH, permuted_probs_P, index_map = impl.permute(tokens_TH, routing_map_TE, probs=probs_TE)
             out_TH = impl.unpermute(permuted_PH, index_map, tokens_TH.shape, probs=probs_TE,
                                     routing_map=routing_map_TE)
@@ -226,7 +226,7 @@ def test_bad_unpermute_inputs():
     with pytest.raises(TypeError, match="probs must have the tokens' dtype"):
         ops.unpermute(permuted_PH, index_map, (5, 8), probs=probs_TE.double(), routing_map=routing_map_TE)
     with pytest.raises(TypeError, match="row_id_map must be int32"):
-        _, _, sorted_indices = moe_utils.permute(tokens_TH, routing_map_TE)  # megatron's index map is not ours
+        _, _, sorted_indices = MEGATRON.permute(tokens_TH, routing_map_TE)  # megatron's index map is not ours
         ops.unpermute(permuted_PH, sorted_indices[:, None], (10, 8))
     with pytest.raises(ValueError, match="permuted_tokens must have 10 rows"):
         ops.unpermute(permuted_PH[:9], index_map, (5, 8))

@@ -18,10 +18,10 @@ Shapes are TxHxExK (tokens, hidden, experts, top-k). Defaults: on cuda, Mixtral-
 import argparse
 
 import torch
-from megatron.core.transformer.moe import moe_utils
 
 import benchlib
 from megamod import ops
+from megamod.ops.permute import MEGATRON_TORCH_PATH as MEGATRON
 
 DEFAULT_SHAPES = {"cuda": ["16384x4096x8x2", "16384x2048x4x2", "16384x1024x4x2"],
                   "cpu": ["16384x1024x8x2", "16384x2048x8x2"]}
@@ -73,7 +73,7 @@ def run(args, device) -> list:
             moved = (4 * T + 5 * P) * H * inputs[0].element_size()
             src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
-            fns = dict(copy=lambda: dst.copy_(src), ref=lambda: step(moe_utils, P, *inputs),
+            fns = dict(copy=lambda: dst.copy_(src), ref=lambda: step(MEGATRON, P, *inputs),
                        ours=lambda: step(ops, P, *inputs))
             median = benchlib.median_seconds(fns, device, args.warmup, args.repeats)
             copy_s, ref_s, ours_s = median["copy"], median["ref"], median["ours"]
