@@ -115,14 +115,17 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_s: int = 600) -> LaunchEnv:
+def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_s: float = 600) -> LaunchEnv:
     """Start torch.distributed and Megatron's parallel state; seed every rank identically.
 
     Identical seeding matters on CPU: megatron builds each parameter's full master weight on every rank from the
     default generator before slicing, so ranks must draw the same numbers.
+    `timeout_s` bounds every collective of every group (gloo raises; NCCL's watchdog aborts the process), so that
+    a rank that died or hangs ends the others instead of leaving them waiting forever.
     """
-    from megamod import cpu_compat, te_absent
+    from megamod import cpu_compat, mcore_version, te_absent
 
+    mcore_version.check()  # an unsupported megatron-core stops here, named, not deep inside megatron
     launch = read_launch_env()
     parallel.validate(launch.world_size)
     cuda = _use_cuda()
@@ -133,6 +136,8 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, ti
     if not torch.distributed.is_initialized():
         if cuda:
             torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+            # NCCL: a timed-out or failed collective aborts the process (else it can block in a kernel forever).
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         torch.distributed.init_process_group(
@@ -153,6 +158,7 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, ti
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
+        distributed_timeout_minutes=timeout_s / 60,  # megatron's groups would otherwise wait 30 minutes
     )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

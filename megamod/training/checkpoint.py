@@ -11,6 +11,7 @@ The teacher is not saved: it is loaded from its own checkpoint by every run.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,9 @@ import shutil
 
 import numpy as np
 import torch
+
+from megamod.distributed import collective_device
+from megamod.training.checkpoint_writers import BackgroundWriter, bound_writers
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +143,34 @@ def _files(directory: str) -> dict[str, int]:
     return out
 
 
-def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | None = None) -> str:
+def check_writable(root: str) -> None:
+    """Collective: every rank can create files in `root`, or every rank raises naming it. Checked before the
+    models load: a save that fails on one rank leaves the others waiting for it until the collective timeout."""
+    problem = None
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write-test-{os.uname().nodename}-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        problem = f"{type(e).__name__}: {e}"
+    bad = torch.tensor([0 if problem is None else 1], dtype=torch.int64, device=collective_device())
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if int(bad):
+        raise OSError(f"out: cannot write the run's checkpoints to {root} "
+                      f"({problem or 'on another rank: see its log'})")
+
+
+def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | None = None,
+         writer: BackgroundWriter | None = None) -> str:
     """Every rank calls this. `model` is the unwrapped student of this rank; `train_state` is JSON (rank 0's is
-    written)."""
+    written). With a `writer`, the tensors are written in the background: the checkpoint is complete (and `latest`)
+    once `writer` has published it (writer.poll or writer.wait); the RNG and training state are taken now."""
     from megatron.core import dist_checkpointing
 
+    if writer is not None:
+        writer.wait()  # one write at a time; the previous one is published first
     rank = torch.distributed.get_rank()
     final = step_dir(root, step)
     tmp = os.path.join(root, f".tmp-{os.path.basename(final)}")
@@ -153,7 +180,9 @@ def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | 
     torch.distributed.barrier()
     for opt in _torch_adam_distributed(optimizer):
         _fresh_adam_state(opt.optimizer)
-    dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), tmp)
+    with bound_writers():
+        request = dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), tmp,
+                                          async_sharded_save=writer is not None)
     if rank == 0:
         os.makedirs(os.path.join(tmp, "rng"))  # after the dist save, which wants an empty directory
     torch.distributed.barrier()
@@ -162,6 +191,18 @@ def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | 
     if rank == 0:
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump({**train_state, "step": step, "layout": _layout_tag()}, f, indent=2)
+    publish = functools.partial(_publish, root, step, tmp, final, keep)
+    if writer is None:
+        publish()
+    else:
+        writer.start(step, request, publish)
+    return final
+
+
+def _publish(root: str, step: int, tmp: str, final: str, keep: int | None) -> None:
+    """Collective, once every file is written: the manifest (last, it marks the checkpoint complete), the rename from
+    the temporary folder, `latest`, and the pruning of older checkpoints."""
+    if torch.distributed.get_rank() == 0:
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"step": step, "files": _files(tmp)}, f, indent=1)
         if os.path.exists(final):
@@ -172,7 +213,6 @@ def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | 
         os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
         _prune(root, keep)
     torch.distributed.barrier()
-    return final
 
 
 def _prune(root: str, keep: int | None) -> None:

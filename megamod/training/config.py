@@ -64,6 +64,9 @@ class ParallelSection:
     pp: int = 1
     ep: int = 1
     etp: int | None = None
+    # Seconds a collective may wait for the other ranks: past it (a rank died or hangs) the run fails, naming the
+    # step, instead of hanging. Every wait counts, so keep it above the slowest step and checkpoint write.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -79,6 +82,12 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end
     keep: int | None = 2  # newest complete checkpoints kept; None = all
     resume: bool = True
+    # Signals that stop the run at the next step boundary with a checkpoint and exit status 75 (training/
+    # preemption.py): SLURM's USR1 before the time limit (train.sbatch), SIGTERM on preemption or scancel.
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Write checkpoint files in a background process while training goes on (training/checkpoint_writers.py);
+    # null: on where CUDA is available (training then waits only for the device-to-host copy), off on CPU.
+    async_save: bool | None = None
 
 
 @dataclass
@@ -116,6 +125,9 @@ class RunConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")  # what checkpoint.signals may name
 
 
 def _build(cls, value, where: str):
@@ -213,6 +225,13 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if not cfg.optim.initial_loss_scale > 0:
         raise ConfigError(f"{where}: optim.initial_loss_scale must be positive, got {cfg.optim.initial_loss_scale}")
+    unknown = [n for n in cfg.checkpoint.signals if n not in STOP_SIGNALS]
+    if unknown or len(set(cfg.checkpoint.signals)) != len(cfg.checkpoint.signals):
+        raise ConfigError(f"{where}: checkpoint.signals {cfg.checkpoint.signals} must name distinct signals among "
+                          f"{list(STOP_SIGNALS)}")
+    if not cfg.parallel.timeout_s > 0:
+        raise ConfigError(f"{where}: parallel.timeout_s must be a positive number of seconds, got "
+                          f"{cfg.parallel.timeout_s}")
     if cfg.data.on_bad_sample not in ("error", "skip"):
         raise ConfigError(f"{where}: data.on_bad_sample must be error or skip")
     return cfg

@@ -5,7 +5,8 @@ gradient accumulation over micro-batches through `get_forward_backward_func`. Te
 built on the same pipeline stages, frozen, run on each student micro-batch; or, with `teacher: {cache: DIR}`, no
 teacher model at all: each micro-batch carries the teacher's cached rows, looked up by sample id. Checkpoints at `checkpoint.every`
 steps and at the end; a run resumes from the newest complete checkpoint of its run directory; the final student
-is written to `<out>/model`, the input of the next stage.
+is written to `<out>/model`, the input of the next stage. A signal in `checkpoint.signals` stops the run at the next
+step boundary with a checkpoint and exit status 75 (training/preemption.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 
 import torch
 
@@ -27,15 +27,15 @@ from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
 from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
 from megamod.training.data_setup import check_tokenizer_fits, load_run_tokenizer
 from megamod.training.models import DistillPair, load, load_teacher, open_cache, unwrap, vocab_rows
+from megamod.training.checkpoint_writers import BackgroundWriter, bound_writers
 from megamod.training.objective import Objective, from_batch, pad_to
+from megamod.training.preemption import Preempted, StopOnSignal
 from megamod.training.stages import apply_trainable, get_stage
 from megamod.training.step import build_optimizer, train_step, wrap_ddp
 
 log = logging.getLogger(__name__)
 
 PREFERENCE_METRICS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
-# Fault injection for the resume tests: the process SIGKILLs itself right after this step's checkpoint.
-KILL_AFTER_STEP_ENV = "MEGAMOD_FAULT_KILL_AFTER_STEP"
 
 
 class Trainer:
@@ -44,8 +44,11 @@ class Trainer:
 
         self.cfg, self.stage = cfg, get_stage(cfg.stage)
         p = cfg.parallel
-        distributed.initialize(distributed.ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp), seed=cfg.seed)
+        distributed.initialize(distributed.ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp), seed=cfg.seed,
+                               timeout_s=p.timeout_s)
         self.rank, self.dtype = torch.distributed.get_rank(), model_checkpoint.resolve_dtype(cfg.dtype)
+        self.ckpt_root = os.path.join(cfg.out, "checkpoints")
+        train_checkpoint.check_writable(self.ckpt_root)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.last_stage = ps.is_pipeline_last_stage()
 
@@ -84,8 +87,11 @@ class Trainer:
                                    cfg.loss.kd, cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta)
         self._check_losses()
         self.scheduler = self._build_scheduler()
-        self.step = 0
-        self.ckpt_root = os.path.join(cfg.out, "checkpoints")
+        self.step = self.saved_step = 0  # saved_step: of the newest checkpoint (0: none to save at step 0)
+        async_save = cfg.checkpoint.async_save
+        if async_save is None:
+            async_save = torch.cuda.is_available()
+        self.writer = BackgroundWriter() if async_save else None
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -158,7 +164,7 @@ class Trainer:
             raise ValueError(f"{directory} is a checkpoint of stage {state.get('stage')}, this run is {self.cfg.stage}")
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["sampler"])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         if self.rank == 0:
             log.info("resumed from %s at step %d", directory, self.step)
 
@@ -221,9 +227,13 @@ class Trainer:
         torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
         if entry.get("reduce_group") is not None:
             torch.distributed.all_reduce(values, group=entry["reduce_group"])
-            if not entry.get("reduce_group_has_dp", False):
-                torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
-                values /= ps.get_data_parallel_world_size()
+        if "needs_dp_avg" in entry:  # megatron-core 0.19
+            dp_average = entry["needs_dp_avg"]
+        else:  # 0.16: the DP average comes with a reduce group that does not span DP
+            dp_average = entry.get("reduce_group") is not None and not entry.get("reduce_group_has_dp", False)
+        if dp_average:
+            torch.distributed.all_reduce(values, group=ps.get_data_parallel_group())
+            values /= ps.get_data_parallel_world_size()
         if entry.get("avg_group") is not None:
             torch.distributed.all_reduce(values, group=entry["avg_group"])
             values /= torch.distributed.get_world_size(entry["avg_group"])
@@ -270,8 +280,10 @@ class Trainer:
                 "sampler": self.loader.state_dict(), "config": self.cfg.to_dict(), "model": self.student.cfg.to_dict()}
 
     def save_checkpoint(self) -> str:
-        return train_checkpoint.save(self.ckpt_root, self.step, unwrap(self.ddp), self.optimizer, self._train_state(),
-                                     keep=self.cfg.checkpoint.keep)
+        directory = train_checkpoint.save(self.ckpt_root, self.step, unwrap(self.ddp), self.optimizer,
+                                          self._train_state(), keep=self.cfg.checkpoint.keep, writer=self.writer)
+        self.saved_step = self.step
+        return directory
 
     def train(self) -> list[dict]:
         """Runs to the last step; returns rank 0's per-step metrics."""
@@ -283,37 +295,65 @@ class Trainer:
             log.info("stage %s: %d steps of %d samples (%d micro-batches of %d per data-parallel rank, dp=%d), "
                      "lr %g, trainable %s", cfg.stage, self.total_steps, cfg.schedule.global_batch_size,
                      self.num_micro, self.micro_batch_size, self.dp, self.lr, ",".join(self.groups))
-        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
         batches = iter(self.loader)
         self.ddp.train()
         timer = Timer()
         try:
-            while self.step < self.total_steps:
-                mbs = self._micro_batches(batches)
-                seq = mbs[0].seq_length
-                adjust = self.pair.adjust_tensor_shapes if self.pair is not None else None
-                result = train_step([self.ddp], self.optimizer, self._forward_step(), mbs, seq, self.micro_batch_size,
-                                    schedule_model=self.pair, adjust_tensor_shapes_fn=adjust)
-                if result.update_successful:  # as Megatron-LM: a skipped update does not advance the schedule
-                    self.scheduler.step(increment=1)
-                self.step += 1
-                metrics = self._reduce(result.losses, self.step)
-                aux = self._aux_loss() if self.sparse else None
-                if aux is not None:
-                    metrics["aux"] = aux
-                metrics.update(self._update_metrics(result))
-                metrics.update(self._throughput(mbs, timer.lap()))
-                logger.log(self.step, metrics)
-                every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == self.total_steps:
-                    self.save_checkpoint()
-                    if self.step == kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    timer.lap()  # checkpoint time is not step time
+            with StopOnSignal(cfg.checkpoint.signals) as stop, bound_writers():
+                while self.step < self.total_steps:
+                    received = stop.agreed()  # one all-reduce: all ranks stop at the same step
+                    if received:
+                        self._stop(received)
+                    if self.writer is not None:
+                        self.writer.poll()  # publishes a finished background write
+                    self._train_one(batches, logger, timer)
+                    every = cfg.checkpoint.every
+                    if (every and self.step % every == 0) or self.step == self.total_steps:
+                        self.save_checkpoint()
+                        timer.lap()  # checkpoint time is not step time
+                if self.writer is not None:
+                    self.writer.wait()
+                self.export(os.path.join(cfg.out, "model"))
+        except Exception as e:
+            hint = ""
+            if isinstance(e, RuntimeError):
+                hint = (f"; if a collective failed or timed out, another rank died or hung longer than "
+                        f"parallel.timeout_s={cfg.parallel.timeout_s:g} s: see its log")
+            log.error("rank %d: training failed after step %d of %d (in the next step or a checkpoint)%s",
+                      self.rank, self.step, self.total_steps, hint)
+            raise
         finally:
             logger.close()
-        self.export(os.path.join(cfg.out, "model"))
         return logger.history if self.rank == 0 else []
+
+    def _train_one(self, batches, logger: StepLogger, timer: Timer) -> None:
+        mbs = self._micro_batches(batches)
+        seq = mbs[0].seq_length
+        adjust = self.pair.adjust_tensor_shapes if self.pair is not None else None
+        result = train_step([self.ddp], self.optimizer, self._forward_step(), mbs, seq, self.micro_batch_size,
+                            schedule_model=self.pair, adjust_tensor_shapes_fn=adjust)
+        if result.update_successful:  # as Megatron-LM: a skipped update does not advance the schedule
+            self.scheduler.step(increment=1)
+        self.step += 1
+        metrics = self._reduce(result.losses, self.step)
+        aux = self._aux_loss() if self.sparse else None
+        if aux is not None:
+            metrics["aux"] = aux
+        metrics.update(self._update_metrics(result))
+        metrics.update(self._throughput(mbs, timer.lap()))
+        logger.log(self.step, metrics)
+
+    def _stop(self, received: str) -> None:
+        """Every rank: checkpoint the last finished step (unless it has one), then end the process (Preempted)."""
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        if self.writer is not None:
+            self.writer.wait()
+        if self.rank == 0:
+            where = train_checkpoint.step_dir(self.ckpt_root, self.step) if self.step else "none (no step yet)"
+            log.warning("stopped on %s after step %d of %d: checkpoint %s; the same command resumes from it",
+                        received, self.step, self.total_steps, where)
+        raise Preempted(self.step, received)
 
     def export(self, directory: str) -> None:
         """The trained student as a plain model checkpoint (the next stage's `student`), tokenizer included."""

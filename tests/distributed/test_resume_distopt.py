@@ -3,7 +3,8 @@
 One 2-rank launch: a dense (d2d) and a sparse (d2s) student trained 4 steps at DP=2 (and the sparse one at EP=2)
 with checkpoints at steps 2 and 4, then each resumed from a copy of its run as a crash after step 2 left it: at the
 same layout, which must end bitwise equal to the uninterrupted run (every metric, and the step-4 checkpoint:
-parameters, Adam moments and steps), and the DP=2 runs at TP=2. In the pytest process, the DP=2 runs are resumed
+parameters, Adam moments and steps), and the DP=2 runs at TP=2. The sparse DP=2 run once more with its checkpoints
+written in the background (`checkpoint.async_save`): the same checkpoints, and resumed from them bitwise. In the pytest process, the DP=2 runs are resumed
 once more at DP=1. Other layouts give the uninterrupted losses and gradient norms at rtol 1e-5.
 """
 import json
@@ -21,10 +22,10 @@ UNINTERRUPTED = {"d2d": ("d2d", {}), "d2s": ("d2s", {}), "d2s-ep2": ("d2s", {"ep
 KEYS = ("loss", "kd", "ce", "aux", "grad_norm", "lr")
 
 
-def _recipe(p, stage, out, **parallel):
+def _recipe(p, stage, out, async_save=False, **parallel):
     return base_recipe(p["root"], stage, p[STUDENTS[stage]], out, teacher=p["teacher"], schedule={"steps": 4},
-                       checkpoint={"every": 2, "keep": None}, optim={"distributed_optimizer": True},
-                       parallel=parallel)
+                       checkpoint={"every": 2, "keep": None, "async_save": async_save},
+                       optim={"distributed_optimizer": True}, parallel=parallel)
 
 
 def _history(path):
@@ -55,6 +56,11 @@ def runs(engine_setup, tmp_path_factory):
     for name, (source, layout) in resumed.items():
         jobs.append({"kind": "trainer", "recipe": _recipe(p, UNINTERRUPTED[source][0], str(root / name), **layout),
                      "out": str(root / f"{name}.json"), "resume": [str(root / source), 2]})
+    # checkpoints written in the background (checkpoint.async_save), and a resume from them
+    jobs.append({"kind": "trainer", "recipe": _recipe(p, "d2s", str(root / "d2s-async"), async_save=True),
+                 "out": str(root / "d2s-async.json")})
+    jobs.append({"kind": "trainer", "recipe": _recipe(p, "d2s", str(root / "d2s-async-same"), async_save=True),
+                 "out": str(root / "d2s-async-same.json"), "resume": [str(root / "d2s-async"), 2]})
     run_jobs(2, jobs, str(root))
     return root
 
@@ -88,3 +94,19 @@ def test_resume_at_another_layout_gives_the_same_losses(engine_setup, runs, stag
             for k in KEYS:
                 if k in r:
                     assert h[k] == pytest.approx(r[k], rel=1e-5), (name, h["step"], k, h[k], r[k])
+
+
+def test_background_checkpoints_equal_synchronous_ones_and_resume_bitwise(runs):
+    def losses(name):
+        return [{k: h.get(k) for k in KEYS} for h in _history(runs / f"{name}.json")]
+
+    assert losses("d2s-async") == losses("d2s")
+    for step in (2, 4):
+        name = f"step_{step:07d}"
+        expected = _plain(str(runs / "d2s" / "checkpoints" / name))
+        for run in ("d2s-async", "d2s-async-same") if step == 4 else ("d2s-async",):
+            found = _plain(str(runs / run / "checkpoints" / name))
+            assert found.keys() == expected.keys(), run
+            for k, v in expected.items():
+                assert torch.equal(found[k], v) if isinstance(v, torch.Tensor) else found[k] == v, (run, k)
+    assert losses("d2s-async-same") == losses("d2s")[2:]

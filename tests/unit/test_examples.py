@@ -38,18 +38,20 @@ def test_sbatch_parses_and_dry_run_prints_the_srun_line():
     out = subprocess.run(["bash", SBATCH, recipe, "optim.lr=1e-5"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "DRY_RUN": "1", "NODES": "2", "GPUS_PER_NODE": "8"}, check=True).stdout
     assert "world size 16 (2 nodes x 8 GPUs)" in out
-    assert (f"srun --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 --kill-on-bad-exit=1 python -m megamod train "
+    assert (f"srun --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 --wait=30 python -m megamod train "
             f"--config {recipe} optim.lr=1e-5") in out
 
 
 # A stand-in for srun: records its arguments, then does what SRUN_MODE says. "signal" sends the batch script the
-# USR1 SLURM sends before the time limit while the script waits, then fails.
+# USR1 SLURM sends before the time limit while the script waits; the script must pass it on to srun, whose tasks
+# then checkpoint and exit 75 ("signal") or, past the point where they could, fail ("signal-fail").
 STUB_SRUN = """#!/bin/bash
 printf '%s\\n' "$@" > "$STUB_DIR/srun.args"
 case "$SRUN_MODE" in
   fail) exit 1 ;;
   kill) kill -9 $$ ;;
-  signal) sleep 0.5; kill -USR1 $PPID; sleep 0.5; exit 3 ;;
+  signal) trap 'exit 75' USR1; sleep 0.5; kill -USR1 $PPID; sleep 5 >/dev/null 2>&1 & wait; exit 3 ;;
+  signal-fail) trap 'echo got USR1 > "$STUB_DIR/srun.usr1"' USR1; sleep 0.5; kill -USR1 $PPID; sleep 1; exit 3 ;;
 esac
 """
 STUB_SCONTROL = """#!/bin/bash
@@ -79,11 +81,16 @@ def test_sbatch_exits_with_the_status_of_the_training(tmp_path, mode, status):
     assert ("training failed" in proc.stderr) == (status != 0)
 
 
-def test_sbatch_status_survives_the_time_limit_signal(tmp_path):
-    """USR1 interrupts the script's wait (which then returns 138): the status must still be srun's."""
+def test_sbatch_passes_the_time_limit_signal_on_and_requeues_after_the_checkpoint(tmp_path):
+    """USR1 interrupts the script's wait (which then returns 138): the status must still be srun's; 75 (the tasks
+    checkpointed and stopped) requeues the job, anything else fails it."""
     proc, _ = _run_sbatch(tmp_path, "signal", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2")
-    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
+    (tmp_path / "scontrol.args").unlink()
+    proc, _ = _run_sbatch(tmp_path, "signal-fail", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS_PER_NODE="2")
+    assert proc.returncode == 3 and "training failed" in proc.stderr, proc.stdout + proc.stderr
+    assert (tmp_path / "srun.usr1").exists() and not (tmp_path / "scontrol.args").exists()
 
 
 def test_sbatch_passes_gpu_flags_only_when_there_are_gpus(tmp_path):
@@ -101,7 +108,7 @@ def test_sbatch_passes_gpu_flags_only_when_there_are_gpus(tmp_path):
                              SLURM_GPUS_PER_NODE="h100:4")
     assert proc.returncode == 0, proc.stderr
     assert args[:6] == ["--nodes", "2", "--ntasks-per-node", "4", "--gpus-per-node", "4"]
-    assert args[6:] == ["--kill-on-bad-exit=1", "python", "-m", "megamod", "train", "--config", "recipe.yaml"]
+    assert args[6:] == ["--wait=30", "python", "-m", "megamod", "train", "--config", "recipe.yaml"]
     proc = subprocess.run(["bash", SBATCH, "recipe.yaml"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "GPUS_PER_NODE": "eight"})
     assert proc.returncode == 2 and "GPUS_PER_NODE" in proc.stderr

@@ -2,7 +2,6 @@
 import math
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -150,27 +149,21 @@ def test_recipe_errors_name_the_key(tmp_path):
 
 
 def _run_cli(config: str, env_extra: dict, log_path: str) -> tuple[int, str]:
-    """Output goes to a file, not a pipe: dist-checkpointing's helper process outlives a SIGKILLed trainer and
-    would hold a pipe open. The whole process group is killed afterwards for the same reason."""
+    """`megamod train` in a process of its own, with the fault in env_extra (tests/faults.py); no process of it may
+    outlive it (megatron's checkpoint writers included)."""
+    from tests.faults import run_watched
+
     # Same thread count as this process (the uninterrupted run is in-process): float sums are then bitwise equal.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": REPO, **env_extra}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "megamod", "train", "--config", config], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=300)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    with open(log_path) as f:
-        return rc, f.read()
+    rc, out, survivors = run_watched([sys.executable, os.path.join(REPO, "tests", "faults.py"), "train", "--config",
+                                      config], env, log_path, timeout_s=300, cwd=REPO)
+    assert not survivors, f"processes outlived the run: {survivors}"
+    return rc, out
 
 
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(engine_setup, tmp_path, caplog):
     from megamod.training import checkpoint as train_checkpoint
-    from megamod.training.trainer import KILL_AFTER_STEP_ENV
+    from tests.faults import FAULT_ENV
 
     p = engine_setup
     common = dict(schedule={"steps": 4}, checkpoint={"every": 2, "keep": None})
@@ -179,7 +172,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(engine_set
 
     config = recipe(str(tmp_path / "d2s.yaml"), **base_recipe(p["root"], "d2s", p["sparse"],
                                                               str(tmp_path / "killed"), teacher=p["teacher"], **common))
-    rc, out = _run_cli(config, {KILL_AFTER_STEP_ENV: "2"}, str(tmp_path / "killed.log"))
+    rc, out = _run_cli(config, {FAULT_ENV: '{"kill": "after_save", "step": 2}'}, str(tmp_path / "killed.log"))
     assert rc == -signal.SIGKILL, out[-3000:]
     assert not os.path.exists(tmp_path / "killed" / "model")
     rc, out = _run_cli(config, {}, str(tmp_path / "resumed.log"))
