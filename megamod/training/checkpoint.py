@@ -12,6 +12,7 @@ The teacher is not saved: it is loaded from its own checkpoint by every run.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -180,9 +181,15 @@ def save(root: str, step: int, model, optimizer, train_state: dict, keep: int | 
     torch.distributed.barrier()
     for opt in _torch_adam_distributed(optimizer):
         _fresh_adam_state(opt.optimizer)
+    background = {}
+    if writer is not None:
+        background["async_sharded_save"] = True
+        if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+            # megatron-core 0.19 defaults to NVIDIA's resiliency extension (nvidia-resiliency-ext) for the
+            # background write; "mcore" is its own, the one 0.16 has (and the request megamod's writer runs).
+            background["async_strategy"] = "mcore"
     with bound_writers():
-        request = dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), tmp,
-                                          async_sharded_save=writer is not None)
+        request = dist_checkpointing.save(_sharded(model, optimizer, is_loading=False), tmp, **background)
     if rank == 0:
         os.makedirs(os.path.join(tmp, "rng"))  # after the dist save, which wants an empty directory
     torch.distributed.barrier()

@@ -2,14 +2,15 @@
 
 `bound_writers`: the processes megatron-core's dist-checkpointing forks to write files die with the trainer.
 
-`BackgroundWriter`: megatron-core's `dist_checkpointing.save(..., async_sharded_save=True)` does the collective planning and returns an
-AsyncRequest: a function that writes this rank's files, and finalize functions (collective: the global metadata)
-to run once every rank has written. `BackgroundWriter` runs the write in a process forked from the trainer, so that
-the files come from a copy-on-write snapshot of this moment's memory (on GPU, the request's preload first copies the
-tensors to host memory; the training only waits for that copy). The checkpoint is published (manifest, rename from
-its temporary folder, `latest`) only after every rank has finished: a crash during the write leaves the previous
-checkpoint as the newest complete one. One write at a time: the next save, a stop and the end of training wait for
-the pending one; at each step boundary `poll` publishes a finished write (one all-reduce while one is pending).
+`BackgroundWriter`: megatron-core's `dist_checkpointing.save(..., async_sharded_save=True)` does the collective
+planning and returns an AsyncRequest: a function that writes this rank's files, and finalize functions (collective:
+the global metadata) to run once every rank has written. The write runs in a process forked from the trainer, so
+that the files come from a copy-on-write snapshot of this moment's memory (on GPU, the request's preload first copies
+the tensors to host memory; the training only waits for that copy). The checkpoint is published (manifest, rename
+from its temporary folder, `latest`) only after every rank has finished: a crash during the write leaves the
+previous checkpoint as the newest complete one. One write at a time: the next save, a stop and the end of training
+wait for the pending one; at each step boundary `poll` publishes a finished write (one all-reduce while one is
+pending).
 
 megamod's own caller rather than megatron's AsyncCallsQueue, whose callers synchronise on `torch.cuda` and so need
 a GPU: this one runs on CPU too, which is where the tests run it.
