@@ -2,6 +2,8 @@
 
 Both are megatron-core's, with modules swapped through the spec (no patching):
 - the MoE layer is megamod's (`models.moe.MegamodMoELayer`: megamod's permute/unpermute kernels in the dispatcher);
+- with `performance.grouped_experts`, the experts are megamod's (`models.grouped_experts.GroupedExperts`: a
+  SequentialMLP computing all local experts in two grouped GEMMs);
 - in the local spec, core attention is megamod's SDPA one (`models.attention.SDPAttention`, fused, same layout);
 - in the local spec, megatron's torch norm refuses sequence parallelism, which MoE with TP > 1 requires, so
   megamod's norm allows it and marks its parameters so that megatron-core all-reduces their gradients across the
@@ -15,6 +17,8 @@ import functools
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from megamod import performance
 
 
 def transformer_engine_usable() -> bool:
@@ -73,6 +77,13 @@ def decoder_block_spec(config, use_te: bool, vp_stage=None):
         config, use_transformer_engine=use_te, normalization=config.normalization, vp_stage=vp_stage
     )
     modules = {MoELayer: MegamodMoELayer}
+    if config.num_moe_experts and performance.enabled("grouped_experts", config.params_dtype):
+        from megatron.core.transformer.moe.experts import SequentialMLP
+
+        from megamod.models.grouped_experts import GroupedExperts, unsupported_reason
+
+        if unsupported_reason(config) is None or performance.forced("grouped_experts"):
+            modules[SequentialMLP] = GroupedExperts  # which raises, naming why, for a model it cannot serve
     if not use_te:
         modules.update({WrappedTorchNorm: SequenceParallelTorchNorm, DotProductAttention: SDPAttention})
     return _swap(spec, modules)

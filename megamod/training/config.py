@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from megamod.performance import PerformanceConfig
 from megamod.training.stages import GROUPS, get_stage
 
 
@@ -116,6 +117,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)  # megamod/performance.py
     seed: int = 1234
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
 

@@ -20,7 +20,7 @@ import shutil
 import torch
 
 from megamod import checkpoint as model_checkpoint
-from megamod import distributed
+from megamod import distributed, performance
 from megamod.distributed import collective_device
 from megamod.training import checkpoint as train_checkpoint
 from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
@@ -47,6 +47,10 @@ class Trainer:
         distributed.initialize(distributed.ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp), seed=cfg.seed,
                                timeout_s=p.timeout_s)
         self.rank, self.dtype = torch.distributed.get_rank(), model_checkpoint.resolve_dtype(cfg.dtype)
+        performance.configure(cfg.performance)  # before any model is built
+        performance.resolve(self.dtype)  # an option forced on where it cannot run raises, naming it
+        if self.rank == 0:
+            performance.log_table(self.dtype)
         self.ckpt_root = os.path.join(cfg.out, "checkpoints")
         train_checkpoint.check_writable(self.ckpt_root)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

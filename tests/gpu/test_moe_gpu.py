@@ -106,3 +106,39 @@ def test_sparse_llava_student_bf16_matches_fp32(world1):
     assert decided_BS.float().mean().item() >= 0.5
     assert torch.equal(got_BSV.argmax(-1)[decided_BS], ref_BSV.argmax(-1)[decided_BS])
     assert_grads_close(fp32, bf16)
+
+
+def test_grouped_experts_bf16_match_megatrons_loop(world1):
+    from megamod import performance
+    from megamod.models import grouped_experts
+    from megamod.models.language import LanguageModelConfig, build_language_model
+
+    if not grouped_experts.device_runs_grouped_mm(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("torch._grouped_mm needs compute capability >= 9.0")
+    cfg = LanguageModelConfig(vocab_size=251, hidden_size=256, num_layers=1, num_attention_heads=4,
+                              num_query_groups=2, ffn_hidden_size=512, num_experts=4, moe_router_topk=2)
+
+    def build(grouped):
+        performance.configure(performance.PerformanceConfig(grouped_experts=grouped))
+        torch.manual_seed(0)
+        return build_language_model(cfg, params_dtype=torch.bfloat16).decoder.layers[0].mlp
+
+    try:
+        loop, fast = build(False), build(True)
+    finally:
+        performance.configure(performance.PerformanceConfig())
+    fast.load_state_dict(loop.state_dict())
+    x_SBH = torch.randn(256, 2, 256, device="cuda", dtype=torch.bfloat16)
+    grad_SBH = torch.randn_like(x_SBH)
+    outputs = {}
+    for name, layer in (("loop", loop), ("grouped", fast)):
+        before = grouped_experts.CALLS["grouped"]
+        xi = x_SBH.detach().requires_grad_()
+        out_SBH, _ = layer(xi)
+        out_SBH.backward(grad_SBH)
+        assert grouped_experts.CALLS["grouped"] - before == (name == "grouped")
+        outputs[name] = (out_SBH.float(), xi.grad.float())
+    assert cosine(outputs["grouped"][0], outputs["loop"][0]) >= 0.999
+    assert cosine(outputs["grouped"][1], outputs["loop"][1]) >= 0.999
+    for (name, p), (_, q) in zip(loop.named_parameters(), fast.named_parameters()):
+        assert cosine(q.grad, p.grad) >= 0.999, name

@@ -48,7 +48,9 @@ def test_permute(monkeypatch, tmp_path, capsys):
 def test_moe_layer(monkeypatch, tmp_path, capsys):
     res = run("moe_layer", ["--tokens", "32", "--hidden", "32", "--ffn", "48", "--experts", "4", "--topk", "2"],
               monkeypatch, tmp_path, capsys)
-    assert [r["layer"] for r in res["rows"]] == ["megatron-core MoELayer", "megamod MoE layer"]
+    assert [r["layer"] for r in res["rows"]] == ["megatron-core MoELayer", "megamod MoE layer",
+                                                 "megamod MoE layer, grouped experts"]
+    assert "max |layer - megatron| forward output: megamod 0, grouped 0" in res["notes"][0]  # fp32: bitwise
     for row in res["rows"]:
         assert positive(row, "forward_ms", "backward_ms", "total_ms", "speedup", "forward_tflops", "backward_tflops")
     assert res["config"]["tokens"] == 32 and not any("baseline" in n for n in res["notes"])  # not the proxy size

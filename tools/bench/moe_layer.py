@@ -1,7 +1,9 @@
 """Benchmark: the student's MoE layer (megamod's dispatcher kernels) against megatron-core's own MoELayer, fwd + bwd.
 
-Both layers are built by the project's model code (a one-layer sparse language model; its MLP is the MoE layer) and
-hold the same weights; megatron-core's layer permutes with its torch path. Each is timed forward (router, dispatch,
+The layers are built by the project's model code (a one-layer sparse language model; its MLP is the MoE layer) and
+hold the same weights; megatron-core's layer permutes with its torch path; a third row runs megamod's layer with
+grouped experts (performance.grouped_experts: two grouped GEMMs instead of a GEMM pair per expert) where the device
+has a grouped GEMM for the dtype. Each is timed forward (router, dispatch,
 experts, combine) and backward, alternating, median of repeats after warm-up.
 
 Defaults: on cuda the Mixtral proxy of Megatron-LM's MoE perf test (T=4096 tokens per rank, H=4096, F=14336, E=8,
@@ -29,20 +31,32 @@ COLUMNS = [("layer", "layer", ""), ("forward_ms", "fwd ms", ".2f"), ("backward_m
 
 
 def build_layers(a, dtype, device):
-    """(megamod's MoE layer, megatron-core's MoELayer with the same weights), both on `device`."""
+    """(megamod's MoE layer, megatron-core's MoELayer with the same weights, megamod's layer with grouped experts or
+    None where the device has no grouped GEMM for `dtype`), all on `device`."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from megamod import performance
+    from megamod.models.grouped_experts import device_runs_grouped_mm
     from megamod.models.language import LanguageModelConfig, build_language_model
 
     heads = max(1, a.hidden // 128)
     cfg = LanguageModelConfig(vocab_size=128, hidden_size=a.hidden, num_layers=1, num_attention_heads=heads,
                               num_query_groups=heads, ffn_hidden_size=a.ffn, num_experts=a.experts,
                               moe_router_topk=a.topk, max_position_embeddings=a.tokens)
-    torch.manual_seed(0)
-    ours = build_language_model(cfg, params_dtype=dtype).decoder.layers[0].mlp.to(device)
+
+    def build(grouped):
+        performance.configure(performance.PerformanceConfig(grouped_experts=grouped))
+        torch.manual_seed(0)
+        return build_language_model(cfg, params_dtype=dtype).decoder.layers[0].mlp.to(device)
+
+    ours = build(False)
     theirs = MoELayer(ours.config, ours.submodules, layer_number=1).to(device)
     theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    grouped = build(True) if device_runs_grouped_mm(device, dtype) else None
+    if grouped is not None:
+        grouped.load_state_dict(ours.state_dict())
+    performance.configure(performance.PerformanceConfig())
+    return ours, theirs, grouped
 
 
 def expert_forward_flops(a) -> float:
@@ -52,18 +66,23 @@ def expert_forward_flops(a) -> float:
 
 def run(a, device):
     dtype = getattr(torch, a.dtype)
-    ours, theirs = build_layers(a, dtype, device)
+    ours, theirs, grouped = build_layers(a, dtype, device)
     gen = torch.Generator().manual_seed(1)
     x_SBH = torch.randn(a.tokens, 1, a.hidden, generator=gen).to(device, dtype).requires_grad_()
     grad_SBH = torch.randn(a.tokens, 1, a.hidden, generator=gen).to(device, dtype)
+    layers = {"megamod": ours, "megatron": theirs, "grouped": grouped}
+    layers = {name: layer for name, layer in layers.items() if layer is not None}
     with torch.no_grad():
-        max_diff = (ours(x_SBH)[0].float() - theirs(x_SBH)[0].float()).abs().max().item()
-    times = benchlib.forward_backward_seconds({"megamod": lambda: ours(x_SBH)[0],
-                                               "megatron": lambda: theirs(x_SBH)[0]},
+        reference = theirs(x_SBH)[0].float()
+        max_diff = {name: (layer(x_SBH)[0].float() - reference).abs().max().item() for name, layer in layers.items()}
+    times = benchlib.forward_backward_seconds({name: (lambda layer=layer: layer(x_SBH)[0])
+                                               for name, layer in layers.items()},
                                               grad_SBH, device, a.warmup, a.repeats)
     flops = expert_forward_flops(a)
     rows = []
-    for name, label in (("megatron", "megatron-core MoELayer"), ("megamod", "megamod MoE layer")):
+    labels = (("megatron", "megatron-core MoELayer"), ("megamod", "megamod MoE layer"),
+              ("grouped", "megamod MoE layer, grouped experts"))
+    for name, label in [(n, lab) for n, lab in labels if n in layers]:
         f, b = times[name]
         rows.append(dict(layer=label, forward_ms=f * 1e3, backward_ms=b * 1e3, total_ms=(f + b) * 1e3,
                          forward_tflops=flops / f / 1e12, backward_tflops=2 * flops / b / 1e12))
@@ -88,8 +107,10 @@ def main(argv=None):
             rows, max_diff = run(a, device)
     finally:
         distributed.shutdown()
+    diffs = ", ".join(f"{name} {d:.3g}" for name, d in max_diff.items() if name != "megatron")
     notes = [f"megamod._C kernels: {'yes' if ops.extension_available() else 'NO (both layers use the torch path)'}; "
-             f"max |megamod - megatron| forward output: {max_diff:.3g}",
+             f"max |layer - megatron| forward output: {diffs}"
+             + ("" if "grouped" in max_diff else f"; grouped experts: no grouped GEMM for {a.dtype} on this device"),
              "speed-up = megatron-core fwd+bwd time / this layer's; TFLOP/s count the expert GEMMs only"]
     if all(getattr(a, k) == v for k, v in MIXTRAL_PROXY.items()):
         ours = rows[1]
