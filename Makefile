@@ -55,7 +55,8 @@ test019: setup312
 demo: setup
 	$(VPY) -m megamod demo --out runs/demo
 
-# CPU benchmarks at CPU sizes (about 2 minutes): tables on stdout, JSON in $(BENCH_OUT). To record them:
+# CPU benchmarks at CPU sizes (about 5 minutes; loss_memory's S=4096 reference row needs ~21 GB free, else it is
+# skipped, saying so): tables on stdout, JSON in $(BENCH_OUT). To record them:
 #   .venv/bin/python tools/bench/perf_report.py $(BENCH_OUT)/*.json --append docs/PERF.md
 BENCH_OUT ?= runs/bench
 bench: setup
@@ -64,6 +65,7 @@ bench: setup
 	$(VPY) tools/bench/moe_layer.py --device cpu --repeats 10 --json $(BENCH_OUT)/moe_layer.json
 	$(VPY) tools/bench/distill_step.py --device cpu --preset cpu --json $(BENCH_OUT)/distill_step.json
 	$(VPY) tools/bench/attention.py --device cpu --json $(BENCH_OUT)/attention.json
+	$(VPY) tools/bench/loss_memory.py --device cpu --seqs 1024 4096 --chunks 256 --json $(BENCH_OUT)/loss_memory.json
 
 # The GPU tier on a CUDA machine without internet (tools/gpu_check.sh): MEGAMOD_WHEELS=DIR carries megatron-core.
 gpu-check:

@@ -57,6 +57,9 @@ class LossConfig:
     temperature: float = 1.0
     preference: str = "dpo"  # "dpo" | "kto_pair"
     beta: float = 0.1
+    # tokens per chunk of the memory-lean losses (megamod/losses/chunked.py; its DEFAULT_CHUNK_TOKENS); 0: the
+    # unchunked reference losses, which hold ~16 bf16 logits tensors of fp32 intermediates
+    chunk_tokens: int = 256
 
 
 @dataclass
@@ -220,6 +223,10 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: loss.kd must be forward or reverse, got {cfg.loss.kd!r}")
     if cfg.loss.preference not in ("dpo", "kto_pair"):
         raise ConfigError(f"{where}: loss.preference must be dpo or kto_pair, got {cfg.loss.preference!r}")
+    ct = cfg.loss.chunk_tokens
+    if isinstance(ct, bool) or not isinstance(ct, int) or ct < 0:
+        raise ConfigError(f"{where}: loss.chunk_tokens must be a whole number of tokens >= 0 (0: the unchunked "
+                          f"reference losses), got {ct!r}")
     unknown = set(cfg.loss.weights) - {"ce", "kd", "preference"}
     if unknown:
         raise ConfigError(f"{where}: loss.weights has unknown losses {sorted(unknown)} (ce, kd, preference)")

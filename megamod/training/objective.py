@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from megamod.losses.ce import cross_entropy_BS, masked_mean
+from megamod.losses.chunked import DEFAULT_CHUNK_TOKENS, chunked_losses_BS, chunked_topk_kd_loss_BS
 from megamod.losses.kd import kd_loss_BS
 from megamod.losses.preference import preference_loss, sequence_logprobs_B
 from megamod.losses.topk_kd import topk_kd_loss_BS
@@ -96,7 +97,11 @@ def run_model(model, mb: MicroBatch, llava: bool):
 class Objective:
     """The losses of a stage. `weights`: loss name -> weight (ce, kd, preference). `vocab_size`: the tokenizer's ids;
     logit columns past it (padding rows) never reach a loss. Teacher and student logits come at one padded width
-    (training.models builds the pair so), so that each TP rank holds the same ids of both."""
+    (training.models builds the pair so), so that each TP rank holds the same ids of both.
+
+    `chunk_tokens` > 0 (the default): the losses run over that many tokens at a time (losses/chunked.py: one pass over
+    the student's logits for KD and the label log-probs of CE and the preference loss, one gradient buffer, no fp32
+    copy of the whole vocabulary); 0: the reference losses (kd.py, ce.py, preference.py, topk_kd.py)."""
 
     weights: dict
     vocab_size: int
@@ -105,8 +110,11 @@ class Objective:
     temperature: float = 1.0
     preference: str = "dpo"
     beta: float = 0.1
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def loss(self, student_BSv: torch.Tensor, teacher_BSv: torch.Tensor | None, mb: MicroBatch):
+        if self.chunk_tokens:
+            return self._chunked_loss(student_BSv, teacher_BSv, mb)
         parts: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         if "ce" in self.weights:
@@ -133,6 +141,48 @@ class Objective:
             loss_N, metrics = preference_loss(self.preference, policy_2B[:P], policy_2B[P:], reference_2B[:P],
                                               reference_2B[P:], beta=self.beta)
             parts["preference"] = loss_N.mean()
+        return self._total(parts, metrics)
+
+    def _chunked_loss(self, student_BSv: torch.Tensor, teacher_BSv: torch.Tensor | None, mb: MicroBatch):
+        """loss() on the chunked losses: KD and the label log-probs (CE, preference) in one pass over the student."""
+        parts: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        online_kd = "kd" in self.weights and mb.cached is None
+        need_logp = "ce" in self.weights or "preference" in self.weights
+        if "preference" in self.weights and not mb.pairs:
+            raise ValueError("the preference loss needs preference pairs (data kind: pairs)")
+        kd_BS = logp_BS = None
+        if online_kd or need_logp:
+            kd_BS, logp_BS = chunked_losses_BS(student_BSv, self.vocab_size,
+                                               teacher_logits_BSv=teacher_BSv if online_kd else None,
+                                               labels_BS=mb.labels if need_logp else None, mode=self.kd_mode,
+                                               temperature=self.temperature, chunk_tokens=self.chunk_tokens)
+        if "ce" in self.weights:
+            rows = slice(0, mb.pairs) if mb.pairs else slice(None)  # pairs: the chosen answers only
+            parts["ce"] = masked_mean(-logp_BS[rows], mb.loss_mask[rows])
+        if "kd" in self.weights and mb.cached is not None:
+            c = mb.cached
+            parts["kd"] = masked_mean(chunked_topk_kd_loss_BS(student_BSv, c.ids_BSK, c.logprobs_BSK, c.log_tail_BS,
+                                                              self.vocab_size, self.chunk_tokens), mb.loss_mask)
+        elif online_kd:
+            parts["kd"] = masked_mean(kd_BS, mb.loss_mask)
+        if "preference" in self.weights:
+            mask_BS = mb.loss_mask.to(torch.bool).to(logp_BS.dtype)
+            policy_2B = (logp_BS * mask_BS).sum(-1)
+            if mb.cached is not None:
+                reference_2B = mb.cached.reference_2B
+            else:
+                with torch.no_grad():
+                    ref_BS = chunked_losses_BS(teacher_BSv, self.vocab_size, labels_BS=mb.labels,
+                                               chunk_tokens=self.chunk_tokens)[1]
+                    reference_2B = (ref_BS * mask_BS).sum(-1)
+            P = mb.pairs
+            loss_N, metrics = preference_loss(self.preference, policy_2B[:P], policy_2B[P:], reference_2B[:P],
+                                              reference_2B[P:], beta=self.beta)
+            parts["preference"] = loss_N.mean()
+        return self._total(parts, metrics)
+
+    def _total(self, parts: dict, metrics: dict):
         total = sum(self.weights[k] * v for k, v in parts.items())
         report = {"loss": total.detach().clone(), **{k: v.detach().clone() for k, v in parts.items()},
                   **{k: torch.as_tensor(v).detach().float().clone() for k, v in metrics.items()}}

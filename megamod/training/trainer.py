@@ -88,7 +88,8 @@ class Trainer:
                                          initial_loss_scale=o.initial_loss_scale)
         self._build_data()
         self.objective = Objective(loss_weights(cfg), self.tokenizer.vocab_size, self.student.kind == "llava",
-                                   cfg.loss.kd, cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta)
+                                   cfg.loss.kd, cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta,
+                                   chunk_tokens=cfg.loss.chunk_tokens)
         self._check_losses()
         self.scheduler = self._build_scheduler()
         self.step = self.saved_step = 0  # saved_step: of the newest checkpoint (0: none to save at step 0)

@@ -25,6 +25,9 @@ CHECKS = {
     "topk_kd_whole": dict(loss="topk", k=251, store="float32", vocab=251),
     "topk_kd_v100_k8": dict(loss="topk", k=8, store="float32", vocab=100),
 }
+# Every check again on the chunked losses (losses/chunked.py), 3 tokens a chunk: B * S = 10 tokens, so the last chunk
+# is short; the Objective's path, checked against float64 and against the reference losses above.
+CHECKS.update({f"{name}@chunk3": {**spec, "chunk": 3} for name, spec in list(CHECKS.items())})
 SEQ_WEIGHTS_B = [1.0, -0.5]  # the objective for sequence log-probs: both signs, so no gradient cancels by accident
 
 
@@ -35,6 +38,8 @@ def _value_and_objective(spec, x, teacher, inp):
     from megamod.losses.topk_kd import topk_kd_loss_BS
 
     mask_BS, labels_BS, vocab = inp["loss_mask"], inp["labels"], spec["vocab"]
+    if spec.get("chunk"):
+        return _chunked_value_and_objective(spec, x, teacher, inp)
     if spec["loss"] == "topk":
         value = masked_mean(topk_kd_loss_BS(x, *inp[spec["name"]], vocab), mask_BS)
         return value, value
@@ -45,6 +50,25 @@ def _value_and_objective(spec, x, teacher, inp):
         value_B = sequence_logprobs_B(x, labels_BS, mask_BS, vocab)
         return value_B, (value_B * torch.tensor(SEQ_WEIGHTS_B)).sum()
     value = masked_mean(cross_entropy_BS(x, labels_BS.clamp(min=0), vocab), mask_BS)
+    return value, value
+
+
+def _chunked_value_and_objective(spec, x, teacher, inp):
+    from megamod.losses.ce import masked_mean
+    from megamod.losses.chunked import (chunked_cross_entropy_BS, chunked_kd_loss_BS, chunked_sequence_logprobs_B,
+                                        chunked_topk_kd_loss_BS)
+
+    mask_BS, labels_BS, vocab, chunk = inp["loss_mask"], inp["labels"], spec["vocab"], spec["chunk"]
+    if spec["loss"] == "topk":
+        value = masked_mean(chunked_topk_kd_loss_BS(x, *inp[spec["name"]], vocab, chunk), mask_BS)
+        return value, value
+    if spec["loss"] == "kd":
+        value = masked_mean(chunked_kd_loss_BS(x, teacher, vocab, spec["mode"], spec["temperature"], chunk), mask_BS)
+        return value, value
+    if spec["loss"] == "seq":
+        value_B = chunked_sequence_logprobs_B(x, labels_BS, mask_BS, vocab, chunk)
+        return value_B, (value_B * torch.tensor(SEQ_WEIGHTS_B)).sum()
+    value = masked_mean(chunked_cross_entropy_BS(x, labels_BS, vocab, chunk), mask_BS)  # -100: 0, masked out
     return value, value
 
 

@@ -1,6 +1,6 @@
 """KD, sequence log-probs, CE and the cached top-k KD on TP=2 vocabulary shards (251 true ids in 256 columns, so one
 shard has padding) equal the single-process full-vocabulary float64 computation: values and the concatenated
-gradients; the teacher's top-k taken on the shards equals the float64 top-k of the whole vocabulary."""
+gradients, on the reference losses and on the chunked ones (which also equal the reference losses on every rank); the teacher's top-k taken on the shards equals the float64 top-k of the whole vocabulary."""
 import pytest
 import torch
 
@@ -95,6 +95,21 @@ def test_tp2_losses_match_full_vocab_float64(tp_run, name):
     grad = torch.cat([ranks[r][name][1] for r in range(TP)], dim=-1).double()
     assert grad.shape == ref_grad.shape
     assert (grad - ref_grad).abs().max().item() <= 1e-6
+
+
+CHUNKED = [name for name in CHECKS if CHECKS[name].get("chunk")]
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_tp2_chunked_losses_match_reference_losses(tp_run, name):
+    """The chunked losses (the Objective's default) give today's values and gradients on every rank."""
+    _, ranks = tp_run
+    reference = name.split("@")[0]
+    for r in range(TP):
+        value, grad = ranks[r][name]
+        ref_value, ref_grad = ranks[r][reference]
+        assert (value.double() - ref_value.double()).abs().max().item() <= 1e-6 * ref_value.abs().max().clamp(min=1)
+        assert grad.dtype == ref_grad.dtype and (grad.double() - ref_grad.double()).abs().max().item() <= 1e-6
 
 
 TOPK = [name for name, spec in CHECKS.items() if spec["loss"] == "topk"]
