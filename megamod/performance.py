@@ -8,6 +8,7 @@ entry point (`configure`), read where models are built.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +23,14 @@ class PerformanceConfig:
     # All local experts of a MoE layer in two grouped GEMMs (models/grouped_experts.py) instead of megatron's
     # per-expert loop; same parameters and checkpoints.
     grouped_experts: bool | None = None
+    # megatron-core's fused SwiGLU (with the routing probabilities in MoE experts) in the language models
+    bias_activation_fusion: bool | None = None
+    # megatron-core's fused bias-dropout-add after attention and MLP in the language models
+    bias_dropout_fusion: bool | None = None
+    # weight gradients accumulated into the fp32 main_grad by the GEMM itself (TransformerEngine or Apex kernels)
+    gradient_accumulation_fusion: bool | None = None
+    # DDP reduces (or reduce-scatters) gradient buckets during the backward instead of after it
+    overlap_grad_reduce: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -30,11 +39,20 @@ class Probe:
     cuda: bool
     capability: tuple[int, int] | None
     has_grouped_mm: bool
+    wgrad_kernels: str | None = None  # "transformer_engine" or "apex" when a fused weight-gradient kernel exists
 
     @staticmethod
     def current() -> "Probe":
         cuda = torch.cuda.is_available()
-        return Probe(cuda, torch.cuda.get_device_capability() if cuda else None, hasattr(torch, "_grouped_mm"))
+        return Probe(cuda, torch.cuda.get_device_capability() if cuda else None, hasattr(torch, "_grouped_mm"),
+                     _wgrad_kernels() if cuda else None)
+
+
+def _wgrad_kernels() -> str | None:
+    for module, name in (("transformer_engine", "transformer_engine"), ("fused_weight_gradient_mlp_cuda", "apex")):
+        if importlib.util.find_spec(module) is not None:
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,8 +78,35 @@ def _grouped_experts(wanted: bool | None, probe: Probe, dtype: torch.dtype) -> C
     return Choice(wanted, "set in the recipe")
 
 
+def _choose(name: str, wanted: bool | None, runs: bool, why: str, auto: bool) -> Choice:
+    if wanted is None:
+        return Choice(auto and runs, why)
+    if wanted and not runs:
+        raise ValueError(f"performance.{name}: true, but {why}")
+    return Choice(wanted, "set in the recipe")
+
+
+def _gpu_default(name: str, what: str) -> Callable[[bool | None, Probe, torch.dtype], Choice]:
+    """An option that runs everywhere (torch code) and is on by default with CUDA; off on CPU, the exact path."""
+    def resolve(wanted, probe, dtype):
+        why = f"CUDA: {what}" if probe.cuda else "CPU: unfused, the exact reference path"
+        return _choose(name, wanted, True, why, probe.cuda)
+    return resolve
+
+
+def _gradient_accumulation_fusion(wanted, probe, dtype) -> Choice:
+    runs = probe.cuda and probe.wgrad_kernels is not None
+    why = (f"CUDA: {probe.wgrad_kernels}'s fused weight-gradient GEMM" if runs else
+           "needs CUDA and TransformerEngine or Apex's fused_weight_gradient_mlp_cuda")
+    return _choose("gradient_accumulation_fusion", wanted, runs, why, True)
+
+
 RESOLVERS: dict[str, Callable[[bool | None, Probe, torch.dtype], Choice]] = {
     "grouped_experts": _grouped_experts,
+    "bias_activation_fusion": _gpu_default("bias_activation_fusion", "megatron's fused SwiGLU (torch.jit)"),
+    "bias_dropout_fusion": _gpu_default("bias_dropout_fusion", "megatron's fused bias-dropout-add (torch.jit)"),
+    "gradient_accumulation_fusion": _gradient_accumulation_fusion,
+    "overlap_grad_reduce": _gpu_default("overlap_grad_reduce", "gradient buckets reduced during the backward"),
 }
 
 _config = PerformanceConfig()
@@ -82,6 +127,14 @@ def resolve(dtype: torch.dtype, cfg: PerformanceConfig | None = None, probe: Pro
 
 def enabled(name: str, dtype: torch.dtype) -> bool:
     return resolve(dtype)[name].on
+
+
+def config_kwargs(dtype: torch.dtype) -> dict:
+    """The options that are TransformerConfig fields, for the language models (the CLIP tower keeps the exact path:
+    its quick-GELU has no fused kernel)."""
+    rows = resolve(dtype)
+    return {name: rows[name].on for name in ("bias_activation_fusion", "bias_dropout_fusion",
+                                             "gradient_accumulation_fusion")}
 
 
 def forced(name: str) -> bool:

@@ -151,7 +151,7 @@ else
     skip permute_tests "megamod._C with CUDA kernels did not build or import"
     skip permute "megamod._C with CUDA kernels did not build or import"
 fi
-bench distill_step 300
+bench distill_step 360 --performance both
 bench moe_layer 150
 pytest_step gpu_tests 240 tests/gpu/test_moe_gpu.py tests/gpu/test_step_gpu.py
 bench attention 120

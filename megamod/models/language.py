@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from megamod import performance
+
 
 @dataclass
 class LanguageModelConfig:
@@ -159,6 +161,7 @@ def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, seq
         **moe,
         **common_config_kwargs(params_dtype, init_weights),
     )
+    kwargs.update(performance.config_kwargs(params_dtype))  # fusions: on with CUDA by default, off on CPU
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

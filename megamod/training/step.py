@@ -20,8 +20,11 @@ class StepResult:
 def wrap_ddp(model, use_distributed_optimizer: bool = False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from megamod import performance
+
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=performance.enabled("overlap_grad_reduce", model.config.params_dtype),
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 

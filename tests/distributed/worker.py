@@ -10,6 +10,7 @@ Job kinds:
   train:  {"layout", "ckpt", "batches", "steps", "lr", "out"}  -> losses per step and micro-batch, gradients of
           step 1 as a dist checkpoint (canonical layout) under out/grads
 """
+import dataclasses
 import faulthandler
 import json
 import os
@@ -96,10 +97,14 @@ def run_trainer(job):
         if torch.distributed.get_rank() == 0:
             run_as_of(job["resume"][0], job["recipe"]["out"], job["resume"][1])
         torch.distributed.barrier()
-    history = Trainer(load_config(base=job["recipe"])).train()
+    trainer = Trainer(load_config(base=job["recipe"]))
+    history = trainer.train()
     if torch.distributed.get_rank() == 0:
         with open(job["out"], "w") as f:
             json.dump(history, f)
+        if job.get("ddp_out"):  # what the run's DDP wrapper was configured with
+            with open(job["ddp_out"], "w") as f:
+                json.dump(dataclasses.asdict(trainer.ddp.ddp_config), f)
 
 
 def run_eval(job):

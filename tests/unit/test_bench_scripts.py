@@ -57,6 +57,17 @@ def test_moe_layer(monkeypatch, tmp_path, capsys):
 
 
 @cpu_only
+def test_distill_step_with_the_performance_paths_off_and_on(monkeypatch, tmp_path, capsys):
+    res = run("distill_step", ["--preset", "tiny", "--peak-tflops", "1", "--performance", "both"], monkeypatch,
+              tmp_path, capsys)
+    parts = [r["part"] for r in res["rows"]]
+    assert len(parts) == 8 and all(p.startswith("[off] ") for p in parts[:4]) and \
+        all(p.startswith("[auto] ") for p in parts[4:])
+    assert set(res["config"]["performance_modes"]) == {"off", "auto"}
+    assert "performance off: all paths off" in res["notes"] and any("off / auto" in n for n in res["notes"])
+
+
+@cpu_only
 def test_distill_step(monkeypatch, tmp_path, capsys):
     res = run("distill_step", ["--preset", "tiny", "--peak-tflops", "1"], monkeypatch, tmp_path, capsys)
     kd, student, teacher, both = res["rows"]

@@ -37,7 +37,7 @@ def test_dry_run_lists_the_steps_in_order(tmp_path):
     assert "pytest tests/gpu/test_permute_cuda.py" in result.stdout
     assert "pytest tests/gpu/test_moe_gpu.py tests/gpu/test_step_gpu.py" in result.stdout
     assert "--append docs/PERF.md" in result.stdout and "setup.py -q build_ext --inplace" in result.stdout
-    assert "distill_step (timeout 300s)" in result.stdout
+    assert "distill_step (timeout 360s)" in result.stdout and "--performance both" in result.stdout
     assert not out.exists()  # nothing ran, nothing was written
 
 

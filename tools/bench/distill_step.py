@@ -24,6 +24,7 @@ scaled to run in seconds; tiny = for tests.
                                        [--profile ops.txt]
 """
 import argparse
+import dataclasses
 import math
 
 import torch
@@ -184,6 +185,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--profile", help="after timing, profile one (b) and one (a) step; tables to this file")
+    parser.add_argument("--performance", choices=["auto", "off", "both"], default="auto",
+                        help="megamod's performance paths (megamod/performance.py): as resolved for the device, all "
+                             "off (megatron-core's unfused path), or both, one after the other")
     a = parser.parse_args(argv)
     device = benchlib.parse_device(a.device)
     preset = a.preset or ("gpu" if device.type == "cuda" else "cpu")
@@ -198,13 +202,27 @@ def main(argv=None):
     if device.type == "cpu" and torch.cuda.is_available():
         # megamod runs megatron-core on CPU only where CUDA is absent (megamod.cpu_compat refuses otherwise)
         raise SystemExit("--device cpu needs a machine without CUDA; use --device cuda here")
-    from megamod import distributed
+    from megamod import distributed, performance
 
     distributed.initialize(distributed.ParallelConfig())
+    modes = ["off", "auto"] if a.performance == "both" else [a.performance]
+    rows, by_mode = [], {}
     try:
         with benchlib.moe_aux_loss_scale(device):
-            rows, info = run(p, a, device)
+            for mode in modes:
+                off = {f.name: False for f in dataclasses.fields(performance.PerformanceConfig)}
+                performance.configure(performance.PerformanceConfig(**(off if mode == "off" else {})))
+                profile, a.profile = a.profile, (a.profile if mode == modes[-1] else None)
+                mode_rows, info = run(p, a, device)
+                a.profile = profile
+                info["performance"] = {k: c.on for k, c in performance.resolve(getattr(torch, p["dtype"])).items()}
+                by_mode[mode] = info
+                for row in mode_rows:
+                    rows.append(dict(row, part=f"[{mode}] {row['part']}") if len(modes) > 1 else row)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
+        performance.configure(performance.PerformanceConfig())
         distributed.shutdown()
     per_token = lambda f: ", ".join(f"{k} {v / 1e9:.3g}" for k, v in f.items() if k != "total")  # noqa: E731
     peak = (f"{info['peak_tflops']:.0f} TFLOP/s ({info['peak_source']}"
@@ -218,9 +236,16 @@ def main(argv=None):
              f"MFU against {peak}",
              f"KD overhead = (a) / ((b) + (c)) = {info['kd_overhead']:.2f}"]
     if info["peak_memory_gb"] is not None:
-        notes.append(f"peak GPU memory {info['peak_memory_gb']:.1f} GiB")
+        notes.append("peak GPU memory " + ", ".join(f"{m} {i['peak_memory_gb']:.1f} GiB" for m, i in by_mode.items()))
+    for mode, i in by_mode.items():
+        on = [k for k, v in i["performance"].items() if v]
+        notes.append(f"performance {mode}: {', '.join(on) if on else 'all paths off'}")
+    if len(modes) > 1:
+        step_ms = {r["part"].split("]")[0][1:]: r["step_ms"] for r in rows if "(a)" in r["part"]}
+        notes.append(f"(a) step time, off / auto: {step_ms['off'] / step_ms['auto']:.2f}x")
     config = dict(preset=preset, seq_length=p["seq"], micro_batch_size=p["mbs"], micro_batches=p["micro"],
-                  dtype=p["dtype"], experts=a.experts, topk=a.topk, warmup=a.warmup, repeats=a.repeats, **info)
+                  dtype=p["dtype"], experts=a.experts, topk=a.topk, warmup=a.warmup, repeats=a.repeats,
+                  performance_modes=by_mode, **info)
     res = benchlib.result(
         "distill_step", f"d2s distillation step, preset {preset}, {p['dtype']}, {p['micro']} x {p['mbs']} x "
         f"{p['seq']} tokens, device={device}, threads={torch.get_num_threads()}; median of {a.repeats} after "
