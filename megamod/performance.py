@@ -101,12 +101,22 @@ def _gradient_accumulation_fusion(wanted, probe, dtype) -> Choice:
     return _choose("gradient_accumulation_fusion", wanted, runs, why, True)
 
 
+def _overlap_grad_reduce(wanted, probe, dtype) -> Choice:
+    # megatron-core launches a bucket's reduction once every parameter in it has its gradient in the last
+    # micro-batch, counted against the first step; a parameter without one (the adapter, in a micro-batch without
+    # images) stops the step with an assertion. So it is on only where the recipe knows its data always uses
+    # every trainable parameter.
+    why = "off unless set: every trainable parameter must get a gradient in every step's last micro-batch " \
+          "(a micro-batch without images leaves the adapter without one)"
+    return _choose("overlap_grad_reduce", wanted, True, why, False)
+
+
 RESOLVERS: dict[str, Callable[[bool | None, Probe, torch.dtype], Choice]] = {
     "grouped_experts": _grouped_experts,
     "bias_activation_fusion": _gpu_default("bias_activation_fusion", "megatron's fused SwiGLU (torch.jit)"),
     "bias_dropout_fusion": _gpu_default("bias_dropout_fusion", "megatron's fused bias-dropout-add (torch.jit)"),
     "gradient_accumulation_fusion": _gradient_accumulation_fusion,
-    "overlap_grad_reduce": _gpu_default("overlap_grad_reduce", "gradient buckets reduced during the backward"),
+    "overlap_grad_reduce": _overlap_grad_reduce,
 }
 
 _config = PerformanceConfig()
