@@ -95,3 +95,26 @@ def build(root: str) -> dict:
     Trainer(load_config(base=sft)).train()
     upcycle(paths["student"], paths["sparse"], num_experts=4, topk=2, moe_layers="even")
     return paths
+
+
+def student_with_teacher_tower(paths: dict, out: str, nudge: str | None = None) -> str:
+    """A fresh student (STUDENT_LM, seed 2) around the trained teacher's CLIP tower, as the recipe's students start
+    (training/models.py shares one tower between them). `nudge`: a tower weight whose first element moves one ulp,
+    a tower one weight apart. Every rank of an initialised world (or one process) calls this."""
+    import torch
+
+    from megamod.data.tokenizer import load_tokenizer
+    from megamod.models.factory import init_checkpoint
+    from megamod.training.models import load
+
+    tok_dir = os.path.join(paths["data"], "tokenizer")
+    tok = load_tokenizer(tok_dir)
+    tower = load(paths["teacher"], torch.float32).model.vision_model.state_dict()
+    tower = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in tower.items()}
+    if nudge is not None:
+        w = tower[nudge].clone()
+        w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf")))
+        tower[nudge] = w
+    init_checkpoint(llava_config(tok.vocab_size, tok.image_id, **STUDENT_LM), "llava", out, seed=2,
+                    tokenizer_dir=tok_dir, vision_state=tower, vision_source=paths["teacher"])
+    return out

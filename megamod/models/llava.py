@@ -104,11 +104,18 @@ class LlavaModel(MegatronModule):
             for p in module.parameters():
                 p.requires_grad_(not frozen)
 
-    def image_embeddings(self, images_NCHW: torch.Tensor) -> torch.Tensor:
-        """[N, 3, R, R] -> [N, T, H] language-space embeddings of the image tokens."""
-        return self.vision_projection(self.vision_model(images_NCHW))
+    def image_embeddings(self, images_NCHW: torch.Tensor, image_features_NTV: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """[N, 3, R, R] -> [N, T, H] language-space embeddings of the image tokens. `image_features_NTV`: the
+        vision tower's output for these images, computed elsewhere (a teacher and student sharing one frozen
+        tower, training/models.py shared_vision_tower): only the adapter runs."""
+        if image_features_NTV is None:
+            image_features_NTV = self.vision_model(images_NCHW)
+        elif image_features_NTV.shape[0] != images_NCHW.shape[0]:
+            raise ValueError(f"image_features for {image_features_NTV.shape[0]} images, {images_NCHW.shape[0]} given")
+        return self.vision_projection(image_features_NTV)
 
-    def _decoder_input(self, input_ids_BS, images_NCHW):
+    def _decoder_input(self, input_ids_BS, images_NCHW, image_features_NTV=None):
         from megatron.core import tensor_parallel
 
         image_mask_BS = input_ids_BS == self.cfg.image_token_id
@@ -122,7 +129,7 @@ class LlavaModel(MegatronModule):
             )
         text_BSH = self.language_model.embedding.word_embeddings(input_ids_BS)
         if n_images:
-            image_NTH = self.image_embeddings(images_NCHW).to(text_BSH.dtype)
+            image_NTH = self.image_embeddings(images_NCHW, image_features_NTV).to(text_BSH.dtype)
             text_BSH = text_BSH.masked_scatter(image_mask_BS.unsqueeze(-1), image_NTH)
         decoder_input_SBH = text_BSH.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
@@ -130,11 +137,13 @@ class LlavaModel(MegatronModule):
         return decoder_input_SBH
 
     def forward(self, input_ids_BS, position_ids_BS, images_NCHW=None, attention_mask=None, labels=None,
-                padding_mask=None, inference_context=None):
+                padding_mask=None, inference_context=None, image_features=None):
         """`padding_mask` [B, S] (True at padding) keeps padding out of MoE routing statistics.
+        `image_features` [N, T, vision hidden]: the vision tower's output for `images_NCHW`, which then does not
+        run here (see image_embeddings); first pipeline stage only, ignored elsewhere.
         `inference_context` (megatron's StaticInferenceContext) holds the KV cache of greedy generation; the
         logits then cover the last position only, gathered over the TP ranks."""
-        decoder_input = self._decoder_input(input_ids_BS, images_NCHW) if self.pre_process else None
+        decoder_input = self._decoder_input(input_ids_BS, images_NCHW, image_features) if self.pre_process else None
         if padding_mask is not None and self.pre_process and self.config.sequence_parallel:
             # GPTModel splits the mask for sequence parallelism only when it embeds the tokens itself.
             padding_mask = split_sequence_BS(padding_mask)

@@ -4,7 +4,8 @@ The teacher is built on the same pipeline stages as the student (its layers spli
 student's sequence-parallel setting so their activations have the same sequence layout, never expert-parallel
 beyond what its own config asks, frozen, in eval mode, outside DDP and the optimizer. `DistillPair` lets
 Megatron's pipeline schedules move both models' activations between stages as one tensor: [student | teacher]
-along the hidden dimension.
+along the hidden dimension. When both hold the same frozen CLIP tower (checked by content: shared_vision_tower), it
+runs once per micro-batch for both.
 
 Vocabulary: the losses run over the tokenizer's ids, not over the models' rows. Teacher and student may have
 different row counts over one tokenizer (Qwen2-7B has 152064 rows, Qwen2-0.5B 151936, for 151646 ids): both are
@@ -190,3 +191,53 @@ class DistillPair:
             return [(*s[:-1], self.student_hidden + self.teacher_hidden) for s in shapes]
 
         return widen(recv_shapes), widen(send_shapes)
+
+
+def _local_tower_difference(student_model, teacher_model) -> str | None:
+    """Why this rank's student and teacher towers cannot share one forward (None: they can, or neither is here)."""
+    student, teacher = unwrap(student_model), unwrap(teacher_model)
+    s, t = getattr(student, "vision_model", None), getattr(teacher, "vision_model", None)
+    if s is None and t is None:
+        return None  # a later pipeline stage: the towers live on the first
+    if s is None or t is None:
+        return "only one model has a vision tower on this rank"
+    if s.cfg != t.cfg:
+        return "the vision configs differ"
+    for name, tower in (("student", s), ("teacher", t)):
+        if any(p.requires_grad for p in tower.parameters()):
+            return f"the {name}'s vision tower trains"
+        if tower.config.hidden_dropout or tower.config.attention_dropout:
+            return f"the {name}'s vision tower has dropout"
+    if [type(m) for m in s.modules()] != [type(m) for m in t.modules()] \
+            or s.config.params_dtype != t.config.params_dtype:
+        return "the vision towers are built differently"
+    a, b = dict(s.named_parameters()), dict(t.named_parameters())
+    a.update(s.named_buffers())
+    b.update(t.named_buffers())
+    if a.keys() != b.keys():
+        return "the vision towers hold different tensors"
+    for name, x in a.items():
+        y = b[name]
+        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+            return f"the vision towers' weights differ ({name})"
+    return None
+
+
+def shared_vision_tower(student_model, teacher_model) -> tuple[bool, torch.nn.Module | None, str]:
+    """Whether the two LLaVA models' CLIP towers can run as one (once per micro-batch, the features going to both
+    adapters), the tower to run on this rank, and why (or why not). Every rank calls this (one all-reduce).
+
+    Shared when the student's and the teacher's towers are the same: same vision config, bitwise-equal weights
+    (each rank compares its own tensor-parallel shard; all must agree), both frozen and without dropout, so that
+    the student's tower computes exactly what the teacher's does on the micro-batch's one pixel tensor (LLaVA-MoD's
+    case: the student starts from the teacher's CLIP and neither trains it). The tower returned is the teacher's;
+    None on ranks without one (later pipeline stages) or when not shared."""
+    from megamod.distributed import collective_device
+
+    reason = _local_tower_difference(student_model, teacher_model)
+    ok = torch.tensor([0 if reason else 1], dtype=torch.int64, device=collective_device())
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if not int(ok):
+        return False, None, reason or "the vision towers differ on another rank"
+    return True, getattr(unwrap(teacher_model), "vision_model", None), \
+        "same vision config and weights, both frozen, no dropout"

@@ -83,13 +83,15 @@ def pad_to(mb: MicroBatch, length: int, pad_id: int) -> MicroBatch:
                                cached=None if mb.cached is None else mb.cached.pad_to(length))
 
 
-def run_model(model, mb: MicroBatch, llava: bool):
-    """Sparse models also get the padding mask, so that padding does not count in the load-balancing loss."""
+def run_model(model, mb: MicroBatch, llava: bool, image_features=None):
+    """Sparse models also get the padding mask, so that padding does not count in the load-balancing loss.
+    `image_features`: the vision tower's output for `mb.images` (a tower shared by teacher and student)."""
     from megamod.models.moe import routing_padding_mask
 
     padding_BS = routing_padding_mask(model.config, mb.padding)
     if llava:
-        return model(mb.tokens, mb.position_ids, mb.images, padding_mask=padding_BS)
+        extra = {} if image_features is None else {"image_features": image_features}
+        return model(mb.tokens, mb.position_ids, mb.images, padding_mask=padding_BS, **extra)
     return model(mb.tokens, mb.position_ids, None, padding_mask=padding_BS)
 
 
@@ -188,20 +190,26 @@ class Objective:
                   **{k: torch.as_tensor(v).detach().float().clone() for k, v in metrics.items()}}
         return total, report
 
-    def forward_step(self, student, teacher=None, pair=None):
+    def forward_step(self, student, teacher=None, pair=None, shared_tower=None):
         """A megatron forward_step_func. `student`: the model the schedule runs (DDP-wrapped); `teacher`: the
-        frozen teacher or None; `pair`: the DistillPair when pipeline stages exchange both activations."""
+        frozen teacher or None; `pair`: the DistillPair when pipeline stages exchange both activations;
+        `shared_tower`: the one frozen vision tower teacher and student share (training/models.py
+        shared_vision_tower), run once per micro-batch under no_grad, its features handed to both adapters."""
         from megatron.core import parallel_state as ps
 
         last = ps.is_pipeline_last_stage()
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            student_out = run_model(student, mb, self.llava)
+            features = None
+            if shared_tower is not None and mb.images is not None:
+                with torch.no_grad():
+                    features = shared_tower(mb.images)
+            student_out = run_model(student, mb, self.llava, features)
             teacher_out = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_out = run_model(teacher, mb, self.llava)
+                    teacher_out = run_model(teacher, mb, self.llava, features)
             if not last and pair is not None:
                 return pair.join(student_out, teacher_out), None
 

@@ -24,9 +24,11 @@ from megamod import distributed, performance
 from megamod.distributed import collective_device
 from megamod.training import checkpoint as train_checkpoint
 from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
+from megamod.training.flops import vision_flops
 from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
 from megamod.training.data_setup import check_tokenizer_fits, load_run_tokenizer
-from megamod.training.models import DistillPair, load, load_teacher, open_cache, unwrap, vocab_rows
+from megamod.training.models import (DistillPair, load, load_teacher, open_cache, shared_vision_tower, unwrap,
+                                     vocab_rows)
 from megamod.training.checkpoint_writers import BackgroundWriter, bound_writers
 from megamod.training.objective import Objective, from_batch, pad_to
 from megamod.training.preemption import Preempted, StopOnSignal
@@ -80,6 +82,14 @@ class Trainer:
             self.teacher = load_teacher(cfg.teacher, self.student, self.dtype,
                                         self.student.model.config.sequence_parallel, self.tokenizer)
         self.pair = DistillPair(self.ddp, self.teacher.model) if self.teacher and p.pp > 1 else None
+        # One CLIP forward per micro-batch for both models when their towers are the same (checked by content):
+        # shared_tower is the teacher's on the first pipeline stage, None elsewhere.
+        self.shared_vision, self.shared_tower = False, None
+        if self.teacher is not None and self.student.kind == "llava":
+            self.shared_vision, self.shared_tower, why = shared_vision_tower(self.ddp, self.teacher.model)
+            if self.rank == 0:
+                log.info("vision tower: %s (%s)", "shared, one forward per micro-batch for teacher and student"
+                         if self.shared_vision else "not shared, teacher and student run their own", why)
         o = cfg.optim
         self.lr = o.lr if o.lr is not None else self.stage.lr
         self.optimizer = build_optimizer([self.ddp], lr=self.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
@@ -257,6 +267,8 @@ class Trainer:
         flops = step_flops(self.student, tokens, pairs, images, self.groups)
         if self.teacher is not None:
             flops += step_flops(self.teacher, tokens, pairs, images)
+            if self.shared_vision:  # one tower ran for both: the student's did not run
+                flops -= vision_flops(self.teacher.cfg.vision, self.teacher.language.hidden_size, images)["vision"]
         world = torch.distributed.get_world_size()
         return {"tokens_per_s": tokens / seconds, "tflops_per_rank": flops / seconds / world / 1e12,
                 "step_s": seconds, "peak_mem_gb": peak_memory_gb()}
@@ -278,7 +290,7 @@ class Trainer:
 
     def _forward_step(self):
         teacher = self.teacher.model if self.teacher is not None else None
-        return self.objective.forward_step(self.ddp, teacher, self.pair)
+        return self.objective.forward_step(self.ddp, teacher, self.pair, self.shared_tower)
 
     def _train_state(self) -> dict:
         return {"stage": self.cfg.stage, "scheduler": self.scheduler.state_dict(),

@@ -3,7 +3,8 @@
 Each job writes its results to files that the pytest process compares against single-process references.
 Job kinds:
   logits: {"layout", "ckpt", "input_ids", "out", "images"?}  -> fp32 logits [S, V] (images: a saved [N,3,R,R])
-  trainer: {"recipe", "out", "resume"?} -> the Trainer's per-step metrics (rank 0)
+  trainer: {"recipe", "out", "resume"?, "tower_out"?} -> the Trainer's per-step metrics (rank 0); tower_out: each
+           rank's [shared vision tower decision, holds the tower to share]
   cached_rows: {"recipe", "batches", "out"} -> the teacher-cache rows each DP rank attaches (cache_checks.py)
   memory: {"layout", "model", "mbs", "seq", "out"} -> peak memory of training steps (memory_checks.py)
   eval:   {"layout", "ckpt", "task", "data", "limit", "out", "max_new_tokens"?} -> scoring.evaluate's result (writer)
@@ -99,6 +100,12 @@ def run_trainer(job):
         torch.distributed.barrier()
     trainer = Trainer(load_config(base=job["recipe"]))
     history = trainer.train()
+    if job.get("tower_out"):  # per rank: the shared-tower decision, and whether a tower to share is here
+        towers = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(towers, [trainer.shared_vision, trainer.shared_tower is not None])
+        if torch.distributed.get_rank() == 0:
+            with open(job["tower_out"], "w") as f:
+                json.dump(towers, f)
     if torch.distributed.get_rank() == 0:
         with open(job["out"], "w") as f:
             json.dump(history, f)
