@@ -5,6 +5,8 @@ missing).
 Shapes: T tokens, H hidden, E experts, P permuted rows (routed (token, expert) pairs). Where megatron returns
 `sorted_indices` [P] int64, permute returns its own index map, `row_id_map_TE` (int32 [T, E], the permuted row of each
 (token, expert) pair or -1), which unpermute takes back: every kernel then walks tokens and owns its output rows.
+Under torch.compile and on meta tensors the kernels run as torch.library custom ops (permute_ops.py); eager calls
+reach them directly.
 """
 import functools
 import importlib
@@ -15,6 +17,8 @@ from typing import Optional, Tuple, Union
 import torch
 from megatron.core.transformer.moe import moe_utils
 from torch.autograd.function import once_differentiable
+
+from megamod.ops import permute_ops
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +32,16 @@ def _extension():
         return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes it as a constant rather than tracing the import
 def extension_available() -> bool:
     return _extension() is not None
+
+
+def _through_custom_ops(x: torch.Tensor) -> bool:
+    """torch.compile and meta tensors take the custom ops (permute_ops.py); eager calls take the kernels directly
+    through the autograd Functions below: the same kernels with the same arguments, without the custom-op dispatch
+    (about 10-20 us a call in Python, several calls per MoE layer and step)."""
+    return torch.compiler.is_compiling() or x.is_meta
 
 
 class _Permute(torch.autograd.Function):
@@ -89,15 +101,18 @@ def permute(
         permuted_PH ([P, H], rows of expert 0 in token order, then expert 1, ...), permuted_probs_P ([P] or None),
         and the index map to pass to `unpermute`.
     """
-    ext = _extension()
-    if ext is None:
+    if not extension_available():
         return megatron_permute(tokens, routing_map, probs=probs, num_out_tokens=num_out_tokens)
     if num_out_tokens is not None:
         num_out_tokens = int(num_out_tokens)
-    row_id_map_TE, num_rows = ext.build_row_id_map(routing_map.contiguous(), num_out_tokens)
     probs_TE = None if probs is None else probs.contiguous()
-    permuted_PH, permuted_probs_P = _Permute.apply(tokens.contiguous(), probs_TE, row_id_map_TE, num_rows)
-    return permuted_PH, permuted_probs_P, row_id_map_TE
+    if not _through_custom_ops(tokens):
+        row_id_map_TE, num_rows = _extension().build_row_id_map(routing_map.contiguous(), num_out_tokens)
+        permuted_PH, permuted_probs_P = _Permute.apply(tokens.contiguous(), probs_TE, row_id_map_TE, num_rows)
+        return permuted_PH, permuted_probs_P, row_id_map_TE
+    row_id_map_TE, num_rows = permute_ops.build_row_id_map(routing_map.contiguous(), num_out_tokens)
+    permuted_PH, permuted_probs_P = permute_ops.permute_fwd(tokens.contiguous(), row_id_map_TE, probs_TE, num_rows)
+    return permuted_PH, None if probs is None else permuted_probs_P, row_id_map_TE
 
 
 def megatron_permute(tokens, routing_map, probs=None, num_out_tokens=None):
@@ -133,8 +148,7 @@ def unpermute(
     Returns:
         [T, H] in the dtype of permuted_tokens; the products with probs are computed in the promoted dtype.
     """
-    ext = _extension()
-    if ext is None:
+    if not extension_available():
         return moe_utils.unpermute(permuted_tokens, index_map, restore_shape, probs=probs, routing_map=routing_map)
     if probs is not None and routing_map is None:
         raise ValueError("unpermute: routing_map must be given with probs")
@@ -146,4 +160,6 @@ def unpermute(
             f"({index_map.shape[0]}, {permuted_tokens.shape[-1]})"
         )
     probs_TE = None if probs is None else probs.contiguous()
-    return _Unpermute.apply(permuted_tokens.contiguous(), probs_TE, index_map)
+    if not _through_custom_ops(permuted_tokens):
+        return _Unpermute.apply(permuted_tokens.contiguous(), probs_TE, index_map)
+    return permute_ops.unpermute_fwd(permuted_tokens.contiguous(), index_map, probs_TE)
