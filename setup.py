@@ -58,6 +58,7 @@ INSTALL_REQUIRES = [
     "tiktoken",
     "protobuf",
     "pillow",
+    "pyarrow>=15",  # parquet data (RLAIF-V's shards): megamod/data/parquet.py
     "matplotlib",
     "pyyaml",
     "tqdm",

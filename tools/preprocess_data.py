@@ -54,6 +54,11 @@ def main(argv=None) -> int:
     from megamod.data.tokenizer import load_tokenizer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers each tokenize on one thread
+    from megamod.data.parquet import is_parquet
+
+    if is_parquet(args.data):  # the indexed format names image files; a parquet row's image is its bytes
+        print(f"preprocess_data: {args.data} is parquet (images embedded); train on it directly", file=sys.stderr)
+        return 1
     tokenizer = load_tokenizer(args.tokenizer)
     try:
         _DATASET = FileDataset(args.data, tokenizer, kind=args.kind, image_folder=args.image_folder,

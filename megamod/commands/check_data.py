@@ -32,9 +32,15 @@ def _inspect(k: int):
 
 
 def _detect_kind(path: str) -> str:
+    from megamod.data.parquet import column_kind, is_parquet
     from megamod.data.records import RecordFile
     from megamod.data.templates import SampleError
 
+    if is_parquet(path):
+        kind = column_kind(path)
+        if kind is None:
+            raise SystemExit(f"{path}: cannot tell whether it holds conversations or pairs; pass --kind")
+        return kind
     records = RecordFile(path)
     for i in range(len(records)):
         try:
@@ -48,6 +54,15 @@ def _detect_kind(path: str) -> str:
     raise SystemExit(f"{path}: cannot tell whether it holds conversations or pairs; pass --kind")
 
 
+def _file_order(bad) -> tuple[str, int]:
+    """"path:line" (JSON) or "path row N" (parquet) as (path, number), for listing in file order."""
+    for separator in (":", " row "):
+        path, _, number = bad.location.rpartition(separator)
+        if number.isdigit():
+            return path, int(number)
+    return bad.location, 0
+
+
 def _stats(name: str, values) -> str:
     v = np.asarray(values)
     return (f"{name}: min {v.min()}  mean {v.mean():.1f}  p50 {np.percentile(v, 50):.0f}  "
@@ -55,7 +70,7 @@ def _stats(name: str, values) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", required=True, help="data file: LLaVA JSON list or JSONL")
+    p.add_argument("--data", required=True, help="data file: LLaVA JSON list or JSONL, or parquet (file or directory)")
     p.add_argument("--image-folder", default=None, help="folder the image paths are relative to")
     p.add_argument("--kind", choices=("conversations", "pairs"), default=None, help="default: from the first record")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: tokenizer/ beside --data)")
@@ -105,7 +120,7 @@ def run(args) -> int:
         images += stats[1]
         trained += stats[2]
         truncated += stats[3]
-    for bad in sorted(report, key=lambda b: int(b.location.rsplit(":", 1)[1])):  # in file order
+    for bad in sorted(report, key=_file_order):
         print(f"BAD {bad}")
     good = len(results) - (len(report) - len(_DATASET.report))
     print(f"\n{len(_DATASET.records)} records: {good} good, {len(report)} bad; {images} images; "

@@ -1,4 +1,5 @@
-"""Map-style datasets over one data file: conversations (LLaVA JSON/JSONL) and preference pairs (JSONL/JSON).
+"""Map-style datasets over one data file: conversations (LLaVA JSON/JSONL) and preference pairs (JSONL/JSON); a
+.parquet file or a directory of them is read by megamod/data/parquet.py (RLAIF-V's shards, images embedded).
 
 Construction scans every record once (JSON, fields, roles, placeholders vs images, empty answers, image files
 present), so that most bad input stops a run at start-up rather than hours in. Access then templates and tokenizes
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from megamod.data.images import ImageError, ImageProcessor
+from megamod.data.parquet import EmbeddedImage, ParquetRecords, is_parquet
 from megamod.data.records import DataError, RecordFile
 from megamod.data.schema import ConversationRecord, PairRecord, parse_conversation, parse_pair
 from megamod.data.templates import Encoded, SampleError, encode, get_template
@@ -122,12 +124,13 @@ class FileDataset(torch.utils.data.Dataset):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of {ON_BAD_SAMPLE}")
         self.path, self.kind, self.tokenizer = path, kind, tokenizer
-        self.image_folder = os.path.dirname(os.path.abspath(path)) if image_folder is None else image_folder
+        home = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        self.image_folder = home if image_folder is None else image_folder
         self.template = get_template(template)
         self.image_processor = image_processor or ImageProcessor()
         self.max_length, self.num_image_tokens, self.truncate_answer = max_length, num_image_tokens, truncate_answer
         self.on_bad_sample = on_bad_sample
-        self.records = RecordFile(path)
+        self.records = ParquetRecords(path, kind) if is_parquet(path) else RecordFile(path)
         self.report = BadSampleReport()
         self._index = self._scan(check_image_files)
 
@@ -159,7 +162,7 @@ class FileDataset(torch.utils.data.Dataset):
             try:
                 record = self._parse(i)
                 for p in record.images if check_image_files else ():
-                    if not os.path.isfile(os.path.join(self.image_folder, p)):
+                    if not isinstance(p, EmbeddedImage) and not os.path.isfile(os.path.join(self.image_folder, p)):
                         raise SampleError(f"image not found: {os.path.join(self.image_folder, p)}")
             except SampleError as e:
                 self.report.add(self._bad(i, e))
@@ -220,7 +223,8 @@ class FileDataset(torch.utils.data.Dataset):
         record, encoded = item
         location = self.location(k)
         try:
-            images = load_images(record.images, self.image_folder, self.image_processor)
+            loader = getattr(self.records, "load_images", load_images)  # parquet: images from the rows' bytes
+            images = loader(record.images, self.image_folder, self.image_processor)
         except ImageError as e:
             return self._handle(BadSample(location, str(e), record.sample_id))
         if self.kind == "conversations":

@@ -11,6 +11,7 @@ CLIPImageProcessor's PIL backend step for step (the tests hold it to 1e-5). Imag
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ class ImageError(ValueError):
     """An image that is missing or cannot be decoded; the message names the file."""
 
 
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def open_rgb(path: str) -> Image.Image:
     """The decoded image at `path` as RGB, or an ImageError naming the file."""
     if not os.path.isfile(path):
@@ -34,8 +38,17 @@ def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # decodes fully, so truncated files fail here
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except _DECODE_ERRORS as e:
         raise ImageError(f"cannot read image {path}: {e}") from None
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, ... as in a parquet row) decoded as RGB, or an ImageError naming `name`."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"cannot decode the image bytes of {name}: {e}") from None
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

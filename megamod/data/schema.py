@@ -10,8 +10,8 @@ Preference pairs, either of:
   - flat, with RLAIF-V's field names (openbmb/RLAIF-V-Dataset: idx, image_path, question, chosen, rejected):
     {"id" | "idx": ..., "image" | "image_path": path(s), "question": "...", "chosen": "...", "rejected": "..."}
     RLAIF-V questions carry no placeholder: when the question has none and the pair has images, one "<image>\\n" per
-    image is put before the question (LLaVA's placement). RLAIF-V's parquet embeds image bytes; export them to files
-    and give the paths.
+    image is put before the question (LLaVA's placement). RLAIF-V's parquet shards (image bytes embedded) are read as
+    published: megamod/data/parquet.py gives each row as such a record.
   - conversations (LLaVA-MoD's DPO json): {"id", "image", "chosen": [turns], "rejected": [turns]}, both lists in the
     conversation layout above with the same questions and the same answers except the last one.
   chosen and rejected must differ.
