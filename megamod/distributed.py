@@ -72,6 +72,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # srun launches: the rendezvous port is base + job id % span
+
+
 def read_launch_env(env: dict | None = None) -> LaunchEnv:
     """torchrun's RANK/WORLD_SIZE win; else SLURM's SLURM_PROCID/SLURM_NTASKS; else a world of one."""
     env = os.environ if env is None else env
@@ -91,8 +94,10 @@ def read_launch_env(env: dict | None = None) -> LaunchEnv:
             addr = _first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
         else:
             raise RuntimeError("SLURM launch without MASTER_ADDR or SLURM_JOB_NODELIST: cannot find the master")
-        # A port derived from the job id lets every task agree on it without communication.
-        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        # A port derived from the job id lets every task agree on it without communication. 20000-29999: below
+        # Linux's ephemeral range (32768-60999 by default), from which any outgoing connection on the node (another
+        # job's collectives) may hold a port at the moment the rendezvous binds it.
+        port = int(env.get("MASTER_PORT", SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN))
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),

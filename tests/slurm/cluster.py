@@ -39,11 +39,13 @@ def _port_free(port: int) -> bool:
 
 
 def _first_job_id() -> int:
-    """A first job id whose jobs' master ports (megamod: 20000 + id % 20000) are free now: several test clusters on
-    one machine would otherwise all start at job 1 and share ports."""
+    """A first job id whose jobs' master ports (megamod.distributed: SLURM_PORT_BASE + id % SLURM_PORT_SPAN) are free
+    now: several test clusters on one machine would otherwise all start at job 1 and share ports."""
+    from megamod.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
+
     while True:
-        first = random.randrange(1, 19990)
-        if all(_port_free(20000 + first + i) for i in range(10)):
+        first = random.randrange(1, SLURM_PORT_SPAN - 10)
+        if all(_port_free(SLURM_PORT_BASE + first + i) for i in range(10)):
             return first
 
 
