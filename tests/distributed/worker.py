@@ -111,7 +111,7 @@ def run_trainer(job):
             json.dump(history, f)
         if job.get("ddp_out"):  # what the run's DDP wrapper was configured with
             with open(job["ddp_out"], "w") as f:
-                json.dump(dataclasses.asdict(trainer.ddp.ddp_config), f)
+                json.dump(dataclasses.asdict(trainer.ddp.ddp_config), f, default=str)
 
 
 def run_eval(job):

@@ -1,6 +1,7 @@
 """megamod._C's permute kernels as torch.library custom ops (megamod/ops/permute_ops.py): opcheck, results against
 megatron-core's torch path, torch.compile and meta tensors, on CPU."""
 import collections
+import contextlib
 import importlib
 
 import pytest
@@ -106,6 +107,16 @@ def permute_unpermute(tokens_TH, routing_map_TE, probs_TE, num_out_tokens):
     return out_TH, permuted_probs_P * 3
 
 
+def _run_both(compiled, kernels, tokens_TH, routing_map_TE, probs_TE, num_out_tokens, runs):
+    for fn in (compiled, permute_unpermute):
+        kernels.calls.clear()
+        x_TH, p_TE = leaf(tokens_TH), leaf(probs_TE)
+        out_TH, scaled_probs_P = fn(x_TH, routing_map_TE, p_TE, num_out_tokens)
+        (out_TH.square().sum() + scaled_probs_P.sum()).backward()
+        runs.append((out_TH, scaled_probs_P, x_TH.grad, p_TE.grad))
+        assert kernels.calls == {name: 1 for name in OPS}, kernels.calls  # the compiled function ran the kernels
+
+
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")  # from AotEagerAndRecordGraphs
 @pytest.mark.parametrize("backend, given_count", [("eager", True), ("aot_eager", True), ("aot_eager", False),
                                                   ("inductor", True)])
@@ -115,19 +126,14 @@ def test_compile_matches_eager(backend, given_count, monkeypatch):
     kernels = CountingKernels(permute_ops._C())
     monkeypatch.setattr(permute_ops, "_C", lambda: kernels)  # the custom ops' kernels (compiled)
     monkeypatch.setattr(PERMUTE, "_extension", lambda: kernels)  # eager calls reach the kernels directly
-    if backend == "inductor":
-        monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no pool of compile workers to start
     recorder = AotEagerAndRecordGraphs() if backend == "aot_eager" else backend
     torch._dynamo.reset()
     compiled = torch.compile(permute_unpermute, backend=recorder, fullgraph=True)
     runs = []
-    for fn in (compiled, permute_unpermute):
-        kernels.calls.clear()
-        x_TH, p_TE = leaf(tokens_TH), leaf(probs_TE)
-        out_TH, scaled_probs_P = fn(x_TH, routing_map_TE, p_TE, num_out_tokens)
-        (out_TH.square().sum() + scaled_probs_P.sum()).backward()
-        runs.append((out_TH, scaled_probs_P, x_TH.grad, p_TE.grad))
-        assert kernels.calls == {name: 1 for name in OPS}, kernels.calls  # the compiled function ran the kernels
+    # inductor: no pool of compile workers to start. config.patch restores the option; monkeypatch's undo would
+    # delete it and break every later torch.compile in the process (megatron-core 0.19's jit_fuser among them).
+    with torch._inductor.config.patch(compile_threads=1) if backend == "inductor" else contextlib.nullcontext():
+        _run_both(compiled, kernels, tokens_TH, routing_map_TE, probs_TE, num_out_tokens, runs)
     for compiled_result, eager_result in zip(*runs):
         assert torch.equal(compiled_result, eager_result)
     if backend == "aot_eager":  # the custom ops are single nodes of the traced graphs
@@ -136,6 +142,7 @@ def test_compile_matches_eager(backend, given_count, monkeypatch):
         forward_ops = {f"megamod.{name}.default" for name in ("build_row_id_map", "permute_fwd", "unpermute_fwd")}
         assert forward_ops <= targets(recorder.fw_graphs)
         assert {"megamod.permute_bwd.default", "megamod.unpermute_bwd.default"} <= targets(recorder.bw_graphs)
+    assert torch._inductor.config.compile_threads >= 1  # the option is back for the rest of the process
 
 
 def test_meta_tensors_do_not_touch_the_kernels(monkeypatch):
