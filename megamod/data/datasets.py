@@ -22,7 +22,7 @@ import torch
 
 from megamod.data.images import ImageError, ImageProcessor
 from megamod.data.parquet import EmbeddedImage, ParquetRecords, is_parquet
-from megamod.data.records import DataError, RecordFile
+from megamod.data.records import DataError, RecordFile, cached_arrays
 from megamod.data.schema import ConversationRecord, PairRecord, parse_conversation, parse_pair
 from megamod.data.templates import Encoded, SampleError, encode, get_template
 from megamod.data.tokenizer import IMAGE_TOKEN, Tokenizer
@@ -113,7 +113,11 @@ def load_images(paths: list[str], folder: str, processor: ImageProcessor) -> tor
 
 class FileDataset(torch.utils.data.Dataset):
     """One data file of `kind` "conversations" or "pairs". `image_folder` defaults to the file's directory;
-    `max_length` counts each <image> as `num_image_tokens` positions (576 for CLIP-336/14)."""
+    `max_length` counts each <image> as `num_image_tokens` positions (576 for CLIP-336/14).
+    `check_image_files=False` (data.check_images: lazy) leaves out the start-up check that every image exists (one
+    file-system lookup per image per rank): a missing image is then a bad sample naming file:line when it is read.
+    `lengths` (for length grouping) is computed on first use, once per file (cached beside it, see
+    records.cached_arrays), not at construction."""
 
     def __init__(self, path: str, tokenizer: Tokenizer, *, kind: str = "conversations", image_folder: str | None = None,
                  template: str = "llava_mod", image_processor: ImageProcessor | None = None,
@@ -132,6 +136,7 @@ class FileDataset(torch.utils.data.Dataset):
         self.on_bad_sample = on_bad_sample
         self.records = ParquetRecords(path, kind) if is_parquet(path) else RecordFile(path)
         self.report = BadSampleReport()
+        self._lengths = None
         self._index = self._scan(check_image_files)
 
     def _parse(self, i: int) -> ConversationRecord | PairRecord:
@@ -157,7 +162,7 @@ class FileDataset(torch.utils.data.Dataset):
         return text + len(record.images) * (self.num_image_tokens - 1)  # "<image>" is one of the words
 
     def _scan(self, check_image_files: bool) -> np.ndarray:
-        good, lengths, with_images = [], [], False
+        good, with_images = [], False
         for i in range(len(self.records)):
             try:
                 record = self._parse(i)
@@ -169,7 +174,6 @@ class FileDataset(torch.utils.data.Dataset):
                 continue
             with_images |= bool(record.images)
             good.append(i)
-            lengths.append(self._estimate_length(record))
         if with_images and self.tokenizer.token_to_id(IMAGE_TOKEN) is None:
             raise DataError(f"{self.path} has images but tokenizer {self.tokenizer.path} has no {IMAGE_TOKEN} token; "
                             f"add it with megamod.data.tokenizer.add_special_tokens (the model's embeddings need at "
@@ -179,8 +183,28 @@ class FileDataset(torch.utils.data.Dataset):
                             f"the full list, or pass on_bad_sample='skip' to leave them out)")
         if not good:
             raise DataError(f"{self.path}: no usable samples\n{self.report.summary(limit=10)}")
-        self.lengths = np.asarray(lengths, dtype=np.int64)  # per usable sample, see _estimate_length
         return np.asarray(good, dtype=np.int64)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Per usable sample, see _estimate_length; computed (or read from the file's cache) on first use."""
+        if self._lengths is None:
+            def build():  # every record's estimate (-1: not a usable record), whatever the image check found
+                out = np.full(len(self.records), -1, dtype=np.int64)
+                for i in range(len(self.records)):
+                    try:
+                        out[i] = self._estimate_length(self._parse(i))
+                    except SampleError:
+                        pass
+                return {"lengths": out}
+
+            if isinstance(self.records, RecordFile):
+                name = f"lengths-{self.kind}-{self.num_image_tokens}"
+                every = cached_arrays(self.records.path, name, build)["lengths"]
+            else:
+                every = build()["lengths"]
+            self._lengths = every[self._index]
+        return self._lengths
 
     def __len__(self) -> int:
         return len(self._index)

@@ -7,10 +7,15 @@ Files for a prefix P:
                          rejected spans]; spans = trained token ranges as flattened [start, end) pairs
   P.samples.jsonl      one line per sample: {"id": ..., "images": [paths relative to the image folder],
                          "location": "source-file:line"}
+  P.lengths.npy        int64 [num_samples]: the length each sample is grouped by (data.group_by_length), the JSON
+                         path's own estimate (FileDataset.lengths: words plus expanded images), stored at
+                         preprocessing so that both paths order a global batch identically; the exact token counts
+                         are in the .idx (`token_lengths`)
   P.meta.json          {"kind", "template", "max_length", "num_image_tokens", "truncate_answer", "image_folder",
                          "num_samples", "sources", "tokenizer": {"path", "kind", "vocab_size", "image_id", "eod_id",
-                         "pad_id"}}
-Images stay files: they are opened and preprocessed at training time, as on the JSON path.
+                         "pad_id", "vocab_sha256"}}; written last: a prefix without it is incomplete
+Images stay files: they are opened and preprocessed at training time, as on the JSON path (preprocessing checked
+once that each opens).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from megamod.data.datasets import (BadSample, BadSampleError, BadSampleReport, O
 from megamod.data.images import ImageError, ImageProcessor
 from megamod.data.records import DataError, RecordFile
 from megamod.data.templates import Encoded
-from megamod.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from megamod.data.tokenizer import IMAGE_TOKEN, Tokenizer, vocabulary_fingerprint
 
 
 def spans_of(targets: np.ndarray) -> np.ndarray:
@@ -43,11 +48,13 @@ def targets_of(spans: np.ndarray, length: int) -> np.ndarray:
 
 def tokenizer_info(tokenizer: Tokenizer) -> dict:
     return {"path": os.path.abspath(tokenizer.path), "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-            "image_id": tokenizer.token_to_id(IMAGE_TOKEN), "eod_id": tokenizer.eod_id, "pad_id": tokenizer.pad_id}
+            "image_id": tokenizer.token_to_id(IMAGE_TOKEN), "eod_id": tokenizer.eod_id, "pad_id": tokenizer.pad_id,
+            "vocab_sha256": vocabulary_fingerprint(tokenizer)}
 
 
 class IndexedWriter:
-    """Appends templated samples to P.bin and P.samples.jsonl; `finalize(meta)` writes P.idx and P.meta.json."""
+    """Appends templated samples to P.bin, P.samples.jsonl (and their lengths); `finalize(meta)` writes P.idx,
+    P.lengths.npy and, last, P.meta.json."""
 
     def __init__(self, prefix: str, kind: str):
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -56,19 +63,33 @@ class IndexedWriter:
         self.prefix, self.kind, self.count = prefix, kind, 0
         self.builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
         self.samples = open(prefix + ".samples.jsonl", "w")
+        self.lengths: list[int] = []
 
-    def add(self, sample_id: str | None, images: list[str], location: str, encoded) -> None:
+    def add(self, sample_id: str | None, images: list[str], location: str, encoded, length: int | None = None) -> None:
+        """`length`: what the sample is grouped by (the JSON path's FileDataset.lengths[k]); default its tokens."""
         parts = [encoded] if self.kind == "conversations" else list(encoded)
         arrays = [a for enc in parts for a in (enc.tokens, spans_of(enc.targets))]
         self.builder.add_document(np.concatenate(arrays), [len(a) for a in arrays])
         self.samples.write(json.dumps({"id": sample_id, "images": images, "location": location}) + "\n")
+        self.lengths.append(max(len(enc.tokens) for enc in parts) if length is None else int(length))
         self.count += 1
 
     def finalize(self, meta: dict) -> None:
         self.builder.finalize(self.prefix + ".idx")
         self.samples.close()
-        with open(self.prefix + ".meta.json", "w") as f:
-            json.dump({**meta, "kind": self.kind, "num_samples": self.count}, f, indent=1)
+        np.save(self.prefix + ".lengths.npy", np.asarray(self.lengths, dtype=np.int64))
+        write_meta(self.prefix, {**meta, "kind": self.kind, "num_samples": self.count})
+
+
+def write_meta(prefix: str, meta: dict) -> None:
+    """P.meta.json, atomically (it marks the prefix complete)."""
+    with open(prefix + ".meta.json.tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(prefix + ".meta.json.tmp", prefix + ".meta.json")
+
+
+SUFFIXES = (".bin", ".idx", ".samples.jsonl", ".lengths.npy", ".meta.json")
+KIND_PARTS = {"conversations": ("text",), "pairs": ("chosen", "rejected")}
 
 
 class IndexedSampleDataset(torch.utils.data.Dataset):
@@ -80,10 +101,11 @@ class IndexedSampleDataset(torch.utils.data.Dataset):
 
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample {on_bad_sample!r} is not one of {ON_BAD_SAMPLE}")
-        for suffix in (".bin", ".idx", ".samples.jsonl", ".meta.json"):
+        for suffix in SUFFIXES:
             if not os.path.exists(prefix + suffix):
-                raise DataError(f"preprocessed data set {prefix}: missing {prefix + suffix}")
-        self.prefix = prefix
+                raise DataError(f"preprocessed data set {prefix}: missing {prefix + suffix} (incomplete or older "
+                                f"than this megamod: run tools/preprocess_data.py again)")
+        self.prefix = self.path = prefix
         with open(prefix + ".meta.json") as f:
             self.meta = json.load(f)
         self.kind = self.meta["kind"]
@@ -97,11 +119,43 @@ class IndexedSampleDataset(torch.utils.data.Dataset):
         if len(self._docs) - 1 != len(self.samples) or len(self.samples) != self.meta["num_samples"]:
             raise DataError(f"{prefix}: {len(self._docs) - 1} documents, {len(self.samples)} sample lines, "
                             f"meta says {self.meta['num_samples']}")
+        self.lengths = np.load(prefix + ".lengths.npy")
+        if self.lengths.shape != (len(self.samples),):
+            raise DataError(f"{prefix}: {self.lengths.shape[0]} lengths for {len(self.samples)} samples")
+
+    @property
+    def token_lengths(self) -> np.ndarray:
+        """int64 [N]: each sample's token count from the .idx (pairs: the longer side); no data read."""
+        sizes = np.asarray(self.data.sequence_lengths, dtype=np.int64)
+        docs = np.asarray(self._docs, dtype=np.int64)
+        parts = len(KIND_PARTS[self.kind])
+        tokens = sizes[docs[0]:docs[-1]].reshape(-1, parts * 2)[:, 0::2]  # each part: tokens, spans
+        return tokens.max(axis=1)
+
+    def location(self, k: int) -> str:
+        return self.samples.read(k)["location"]
+
+    def sample_id(self, k: int) -> str | None:
+        return self.samples.read(k)["id"]
+
+    def check_run(self, *, kind: str, template: str, max_length: int | None, num_image_tokens: int,
+                  truncate_answer: bool = False, tokenizer: Tokenizer | None = None) -> None:
+        """DataError naming every setting the data was preprocessed with that differs from the run's."""
+        m = self.meta
+        wanted = {"kind": kind, "template": template, "max_length": max_length, "num_image_tokens": num_image_tokens,
+                  "truncate_answer": truncate_answer}
+        diff = [f"{k}: preprocessed {m.get(k)!r}, this run {v!r}" for k, v in wanted.items() if m.get(k) != v]
+        if diff:
+            raise DataError(f"preprocessed data set {self.prefix} does not fit this run ({'; '.join(diff)}); "
+                            f"preprocess it again with the run's settings")
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Error when `tokenizer` is not the one the data was tokenized with (vocabulary size or special ids)."""
         saved, now = self.meta["tokenizer"], tokenizer_info(tokenizer)
-        diff = {k: (saved[k], now[k]) for k in ("vocab_size", "image_id", "eod_id", "pad_id") if saved[k] != now[k]}
+        keys = ("vocab_size", "image_id", "eod_id", "pad_id", "vocab_sha256")
+        diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
         if diff:
             raise DataError(f"{self.prefix} was tokenized with {saved['path']}; tokenizer {tokenizer.path} "
                             f"differs (saved, now): {diff}")

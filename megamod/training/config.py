@@ -18,11 +18,12 @@ from megamod.training.stages import GROUPS, get_stage
 
 @dataclass
 class DataSource:
-    path: str
+    path: str | None = None  # a data file (JSON, JSONL, parquet); or, instead:
     weight: float = 1.0
     kind: str | None = None  # "conversations" | "pairs"; default from the stage
     template: str = "llava_mod"
-    image_folder: str | None = None  # default: the file's directory
+    image_folder: str | None = None  # default: the file's directory (prefix: the one recorded at preprocessing)
+    prefix: str | None = None  # a preprocessed data set (tools/preprocess_data.py --out PREFIX)
 
 
 @dataclass
@@ -35,6 +36,9 @@ class DataConfig:
     seed: int = 0
     epoch_size: int | None = None  # samples per epoch; default: every sample of every source once
     group_by_length: bool = False  # sort each global batch by length into micro-batches (less padding)
+    # "startup": every rank checks that every image file exists before training (one lookup per image: minutes
+    # for millions on a network file system); "lazy": a missing image is a bad sample naming file:line when read
+    check_images: str = "startup"
 
 
 @dataclass
@@ -215,6 +219,11 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
             raise ConfigError(f"{where}: trainable {cfg.trainable} must name groups among {list(GROUPS)}")
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train lists no data files")
+    for i, source in enumerate(cfg.data.train):
+        if (source.path is None) == (source.prefix is None):
+            raise ConfigError(f"{where}: data.train[{i}] needs exactly one of path (a data file) or prefix (a data set "
+                              f"preprocessed by tools/preprocess_data.py), got path={source.path!r}, "
+                              f"prefix={source.prefix!r}")
     s = cfg.schedule
     if s.micro_batch_size < 1 or s.global_batch_size % s.micro_batch_size:
         raise ConfigError(f"{where}: schedule.global_batch_size {s.global_batch_size} is not a multiple of "
@@ -243,6 +252,8 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
                           f"{cfg.parallel.timeout_s}")
     if cfg.data.on_bad_sample not in ("error", "skip"):
         raise ConfigError(f"{where}: data.on_bad_sample must be error or skip")
+    if cfg.data.check_images not in ("startup", "lazy"):
+        raise ConfigError(f"{where}: data.check_images must be startup or lazy, got {cfg.data.check_images!r}")
     return cfg
 
 

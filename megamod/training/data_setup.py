@@ -50,18 +50,42 @@ def load_model_tokenizer(model, path: str | None, ckpt: str):
     return tok
 
 
-def build_datasets(model, tok, sources, kind: str, max_length: int, on_bad_sample: str = "error") -> list:
-    """One FileDataset per source (a training.config.DataSource); every source must be of `kind`."""
-    from megamod.data.datasets import FileDataset
-
-    datasets = [FileDataset(s.path, tok, kind=s.kind or kind, image_folder=s.image_folder, template=s.template,
-                            image_processor=_image_processor(model), max_length=max_length,
-                            num_image_tokens=_num_image_tokens(model), on_bad_sample=on_bad_sample)
-                for s in sources]
-    wrong = [s.path for s, ds in zip(sources, datasets) if ds.kind != kind]
+def build_datasets(model, tok, sources, kind: str, max_length: int, on_bad_sample: str = "error",
+                   check_images: str = "startup") -> list:
+    """One data set per source (a training.config.DataSource): a FileDataset for `path`, an IndexedSampleDataset
+    for `prefix` (checked to be preprocessed with this run's kind, template, lengths and tokenizer); every source
+    must be of `kind`."""
+    datasets = [_build_dataset(model, tok, s, kind, max_length, on_bad_sample, i, check_images)
+                for i, s in enumerate(sources)]
+    wrong = [s.path or s.prefix for s, ds in zip(sources, datasets) if ds.kind != kind]
     if wrong:
         raise ValueError(f"this run reads {kind}; {wrong} are not")
     return datasets
+
+
+def _build_dataset(model, tok, s, kind: str, max_length: int, on_bad_sample: str, i: int,
+                   check_images: str = "startup"):
+    from megamod.data.datasets import FileDataset
+    from megamod.data.indexed import IndexedSampleDataset
+    from megamod.data.records import DataError
+    from megamod.training.config import ConfigError
+
+    if (s.path is None) == (s.prefix is None):
+        raise ConfigError(f"data.train[{i}] needs exactly one of path or prefix, got path={s.path!r}, "
+                          f"prefix={s.prefix!r}")
+    if s.path is not None:
+        return FileDataset(s.path, tok, kind=s.kind or kind, image_folder=s.image_folder, template=s.template,
+                           image_processor=_image_processor(model), max_length=max_length,
+                           num_image_tokens=_num_image_tokens(model), on_bad_sample=on_bad_sample,
+                           check_image_files=check_images == "startup")  # data.check_images
+    ds = IndexedSampleDataset(s.prefix, image_folder=s.image_folder, image_processor=_image_processor(model),
+                              on_bad_sample=on_bad_sample)
+    try:
+        ds.check_run(kind=s.kind or kind, template=s.template, max_length=max_length,
+                     num_image_tokens=_num_image_tokens(model), tokenizer=tok)
+    except DataError as e:
+        raise ConfigError(f"data.train[{i}] (prefix {s.prefix}): {e}") from None
+    return ds
 
 
 def build_collator(model, tok, pad_to_multiple_of: int):

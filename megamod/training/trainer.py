@@ -136,7 +136,7 @@ class Trainer:
         cfg, d = self.cfg, self.cfg.data
         tok = self.tokenizer
         kind = "pairs" if self.stage.pairs else "conversations"
-        datasets = build_datasets(self.student, tok, d.train, kind, d.max_length, d.on_bad_sample)
+        datasets = build_datasets(self.student, tok, d.train, kind, d.max_length, d.on_bad_sample, d.check_images)
         dataset = MixedDataset(datasets)
         self.sampler = MixtureSampler(dataset.sizes, [s.weight for s in d.train], seed=d.seed, dp_rank=self.dp_rank,
                                       dp_size=self.dp, epoch_size=d.epoch_size,
