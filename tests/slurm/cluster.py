@@ -94,7 +94,11 @@ class Cluster:
     def __init__(self, directory: str, cpus: int = 2, memory_mb: int = 4000):
         self.dir = directory
         self.conf = os.path.join(directory, "slurm.conf")
-        self.env = {**os.environ, "SLURM_CONF": self.conf}
+        # The environment of a user's shell: not the launch variables an in-process test's distributed.initialize
+        # leaves in this process (sbatch exports the environment to the job, whose tasks would then all take this
+        # process's MASTER_PORT, which its own process group holds).
+        launch = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        self.env = {**{k: v for k, v in os.environ.items() if k not in launch}, "SLURM_CONF": self.conf}
         self._procs: list[subprocess.Popen] = []
         for sub in ("state", "spool"):
             os.makedirs(os.path.join(directory, sub), exist_ok=True)
