@@ -16,7 +16,7 @@ import time
 
 def add_arguments(p) -> None:
     from megamod.demo.presets import PRESETS
-    from megamod.demo.pipeline import ORDER
+    from megamod.demo.stages_table import ORDER
 
     p.add_argument("--out", default="runs/demo", help="run directory (resumed when it exists)")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS),

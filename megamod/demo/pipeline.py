@@ -48,27 +48,9 @@ import time
 import yaml
 
 from megamod.demo.presets import Preset
+from megamod.demo.stages_table import EVAL_FILES, EXPORT_TOL, MODELS, ORDER, TEACHER, TRAINING
 
 log = logging.getLogger(__name__)
-
-TRAINING = {  # demo stage -> (megamod stage, checkpoint it starts from, data)
-    "teacher_align": ("align", "init/teacher", "captions"),
-    "teacher_single": ("sft", "teacher_align/model", "single"),
-    "teacher_sft": ("sft", "teacher_single/model", "conversations"),
-    "student_align": ("align", "prune/model", "captions"),
-    "d2d": ("d2d", "student_align/model", "conversations"),
-    "d2s": ("d2s", "upcycle/model", "conversations"),
-    "preference": ("preference", "d2s/model", "pairs"),
-}
-TEACHER = "teacher_sft/model"  # the distillation stages' teacher
-ORDER = ("data", "vision", "init", "teacher_align", "teacher_single", "teacher_sft", "prune", "student_align", "d2d",
-         "upcycle", "d2s", "preference", "eval", "export", "report")
-EVAL_FILES = {"pope_random": ("pope", "eval/pope_random.jsonl"),
-              "pope_adversarial": ("pope", "eval/pope_adversarial.jsonl"),
-              "mcq": ("mcq", "eval/mmbench.jsonl")}
-# Models scored, in the report's order: name -> checkpoint under the run directory.
-MODELS = {"teacher": TEACHER, "student (aligned)": "student_align/model", "dense student (d2d)": "d2d/model",
-          "sparse student (d2s)": "d2s/model", "sparse student (preference)": "preference/model"}
 
 
 def banner(text: str) -> None:
@@ -295,9 +277,6 @@ def _dump(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
-
-
-EXPORT_TOL = 1e-3  # largest |score difference| per item between megamod and transformers on the exported student
 
 
 def compare_predictions(ours: list[dict], theirs: list[dict], tol: float = EXPORT_TOL) -> dict:

@@ -1,14 +1,18 @@
-"""runs/demo/report.md: scores per model and stage, parameter counts, wall times, loss plots, and the checks the
-demo exists to show (the teacher beats chance, the student comes close, preference distillation lowers
-hallucination, the HF release reproduces the score)."""
+"""runs/demo/report.md: a chart of the scores per model and stage first, then the scores with parameter counts, the
+checks the demo exists to show (the teacher beats chance, the student comes close, preference distillation lowers
+hallucination, the HF release reproduces the score), wall times, and training curves (preference rewards, KL to the
+teacher, each stage's losses). Charts are drawn by charts.py into plots/."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
 
-CHANCE = {"pope_random": 0.5, "pope_adversarial": 0.5, "mcq": 0.25}
-PLOTTED = ("loss", "ce", "kd", "preference", "aux")
+from megamod.demo.charts import plot_kd, plot_losses, plot_preference, plot_scores
+from megamod.demo.stages_table import CHANCE, EXPORT_TOL, FINAL, MODELS, TRAINING
+
+EXPORT = "HF export (transformers)"  # the exported final student, scored by stock transformers, in the score chart
+DISTILLATION = ("d2d", "d2s")  # the stages whose KL to the teacher the KD chart follows
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -22,27 +26,6 @@ def read_metrics(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
             rows[int(row["step"])] = row
     return [rows[s] for s in sorted(rows)]
-
-
-def plot_losses(rows: list[dict], title: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    steps = [r["step"] for r in rows]
-    for key in PLOTTED:
-        values = [r.get(key) for r in rows]
-        if any(v is not None for v in values) and (key == "loss" or len({v for v in values}) > 1):
-            ax.plot(steps, values, label=key, linewidth=1.2 if key == "loss" else 0.9)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def param_counts(ckpt: str) -> tuple[int, int]:
@@ -66,8 +49,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _checks(scores: dict, export: dict | None) -> list[tuple[bool, str]]:
-    t, d2s, pref = scores["teacher"], scores["sparse student (d2s)"], scores["sparse student (preference)"]
+def checks(scores: dict, export: dict | None) -> list[tuple[bool, str]]:
+    """(passed, what was checked with the numbers) for each claim the demo makes, from eval/scores.json and
+    export/scores.json (None: the export was not scored, which fails its check)."""
+    t, d2s, pref = scores["teacher"], scores["sparse student (d2s)"], scores[FINAL]
     out = []
     for split, chance in CHANCE.items():
         acc = t[split]["accuracy"]
@@ -85,9 +70,10 @@ def _checks(scores: dict, export: dict | None) -> list[tuple[bool, str]]:
         th = t[split]["hallucination"]
         out.append((b < th, f"final student hallucinates less than its teacher on {split}: {_pct(b)} % vs "
                             f"{_pct(th)} %"))
-    if export is not None:
-        from megamod.demo.pipeline import EXPORT_TOL
-
+    if export is None:
+        out.append((False, "the HF export, scored by stock transformers, reproduces the student: no export scores "
+                           "(export/scores.json) to judge"))
+    else:
         same = all(export[s]["reproduced"] for s in CHANCE)
         diff = max(export[s]["max_score_diff"] for s in CHANCE)
         acc = all(export[s]["accuracy"] == pref[s]["accuracy"] for s in CHANCE)
@@ -99,23 +85,47 @@ def _checks(scores: dict, export: dict | None) -> list[tuple[bool, str]]:
     return out
 
 
-def write_report(demo) -> str:
-    from megamod.demo.pipeline import MODELS, TRAINING
+def checks_section(scores: dict, export: dict | None) -> list[str]:
+    """The report's "## Checks" lines: how many pass, then one checkbox per check, failures marked FAILED."""
+    results = checks(scores, export)
+    failed = sum(not ok for ok, _ in results)
+    lines = ["## Checks", "",
+             f"{len(results) - failed} of {len(results)} checks pass" + (f"; {failed} FAILED." if failed else "."), ""]
+    lines += [f"- [x] {text}" if ok else f"- [ ] **FAILED**: {text}" for ok, text in results]
+    return lines
 
-    with open(demo.path("eval", "scores.json")) as f:
-        scores = json.load(f)
-    export_path = demo.path("export", "scores.json")
-    export = None
-    if os.path.exists(export_path):
-        with open(export_path) as f:
-            export = json.load(f)
+
+def score_chart_rows(scores: dict, export: dict | None) -> dict[str, dict]:
+    """The score chart's rows: every model in the report's order, then the HF export when it was scored."""
+    rows = {model: scores[model] for model in MODELS}
+    if export is not None:
+        rows[EXPORT] = export
+    return rows
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_report(demo) -> str:
+    scores = _read_json(demo.path("eval", "scores.json"))
+    if scores is None:
+        raise FileNotFoundError(f"{demo.path('eval', 'scores.json')}: the eval stage has not run")
+    export = _read_json(demo.path("export", "scores.json"))
     os.makedirs(demo.path("plots"), exist_ok=True)
     stages = demo.state["stages"]
+    metrics = {stage: read_metrics(demo.path(stage, "metrics.jsonl")) for stage in TRAINING
+               if os.path.exists(demo.path(stage, "metrics.jsonl"))}
+    plot_scores(score_chart_rows(scores, export), demo.path("plots", "scores.png"))
     lines = [f"# LLaVA-MoD demo report ({demo.preset.name} preset)", "",
              f"Written {datetime.datetime.now().isoformat(timespec='seconds')}; run directory `{demo.out}`. "
              "Held-out splits: POPE-style yes/no questions about unseen images (random and adversarial negatives) "
              "and four-option multiple choice (MMBench-style). Hallucination = share of absent objects answered "
              "\"yes\" (false-positive rate).", "",
+             "![scores per model and stage](plots/scores.png)", "",
              "## Scores", "",
              "| model | params (total / activated) | POPE rand. acc | F1 | halluc. | POPE adv. acc | F1 | halluc. | "
              "MCQ acc |", "|---|---|---|---|---|---|---|---|---|"]
@@ -134,8 +144,7 @@ def write_report(demo) -> str:
                       _pct(export[split]["hallucination"])]
         cells.append(_pct(export["mcq"]["accuracy"]))
         lines.append("| HF export of the final student, scored by transformers | " + " | ".join(cells) + " |")
-    lines += ["", "## Checks", ""]
-    lines += [f"- [{'x' if ok else ' '}] {text}" for ok, text in _checks(scores, export)]
+    lines += [""] + checks_section(scores, export)
     lines += ["", "## Stages", "", "| stage | wall time (s) | how |", "|---|---|---|"]
     for stage, info in stages.items():
         how = ""
@@ -144,13 +153,21 @@ def write_report(demo) -> str:
                    + (f", TP={info['tp']}" if info["tp"] > 1 else "") + (f", EP={info['ep']}" if info["ep"] > 1 else ""))
         lines.append(f"| {stage} | {info['seconds']:.1f} | {how} |")
     lines.append(f"| **total** | {sum(i['seconds'] for i in stages.values()):.1f} | |")
-    lines += ["", "## Loss curves", ""]
-    for stage in TRAINING:
-        metrics = demo.path(stage, "metrics.jsonl")
-        if not os.path.exists(metrics):
-            continue
-        png = demo.path("plots", f"{stage}.png")
-        plot_losses(read_metrics(metrics), f"{stage} ({TRAINING[stage][0]})", png)
+    lines += ["", "## Training curves", ""]
+    if "preference" in metrics:
+        plot_preference(metrics["preference"], demo.path("plots", "preference_rewards.png"))
+        lines += ["Preference distillation (DPO against the teacher): the implicit rewards of the chosen and rejected "
+                  "answers, their margin, and the share of pairs ranked the right way.", "",
+                  "![preference rewards](plots/preference_rewards.png)", ""]
+    distilled = {stage: metrics[stage] for stage in DISTILLATION if stage in metrics}
+    if distilled:
+        plot_kd(distilled, demo.path("plots", "kd.png"))
+        lines += ["The student's KL divergence to the teacher through dense-to-dense and dense-to-sparse distillation "
+                  "(log scale).", "", "![kd](plots/kd.png)", ""]
+    lines += ["Each training stage's loss and its terms (log scale).", ""]
+    for stage, rows in metrics.items():
+        trained = TRAINING[stage][0]
+        plot_losses(rows, stage if trained == stage else f"{stage} ({trained})", demo.path("plots", f"{stage}.png"))
         lines.append(f"![{stage}](plots/{stage}.png)")
     path = demo.path("report.md")
     with open(path, "w") as f:
