@@ -152,6 +152,32 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]()
 
 
+# LLaVA's `--conv-mode` names whose conversations megamod renders to the same string (llava/conversation.py in LLaVA,
+# LLaVA-NeXT and LLaVA-MoD). vicuna_v1/v1/llava_v1 close an answer with "</s>" where llava_mod writes the tokenizer's
+# end-of-text token: the same text for LLaMA/Vicuna tokenizers; with any tokenizer the prompt up to "ASSISTANT:",
+# all that evaluation sends, is LLaVA's. LLaVA-MoD's "qwen" (its conv_phi: sep2 "<|endoftext|>") is llava_mod with
+# Qwen's tokenizer; LLaVA-NeXT's qwen_1_5/qwen_2/qwen_2_5 are ChatML.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+QWEN_2_5_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+CONV_MODES = {
+    "vicuna_v1": LlavaModTemplate,
+    "v1": LlavaModTemplate,
+    "llava_v1": lambda: LlavaModTemplate(LLAVA_V1_SYSTEM),
+    "qwen": LlavaModTemplate,
+    "qwen_1_5": ChatMLTemplate,
+    "qwen_2": ChatMLTemplate,
+    "qwen_2_5": lambda: ChatMLTemplate(QWEN_2_5_SYSTEM),
+}
+
+
+def conv_mode_template(name: str) -> Template:
+    """The template that renders LLaVA's conversation mode `name` (CONV_MODES)."""
+    if name not in CONV_MODES:
+        raise ValueError(f"unknown LLaVA conversation mode {name!r}; megamod renders {sorted(CONV_MODES)}")
+    return CONV_MODES[name]()
+
+
 def expanded_length(num_tokens: int, num_images: int, num_image_tokens: int) -> int:
     """Sequence length in the model, where each <image> id becomes num_image_tokens positions."""
     return num_tokens + num_images * (num_image_tokens - 1)

@@ -1,6 +1,7 @@
 """Open answers (captions, VQA, llava-bench): greedy generation after the training template's prompt, and, where
 the file has references, SQuAD-style exact match and token F1 (best over the references, after lower-casing and
-dropping punctuation and articles). Predictions are kept in LLaVA's answer-file fields (question_id, prompt, text).
+dropping punctuation and articles). Predictions are kept in LLaVA's answer-file fields (question_id, prompt, text),
+"prompt" being the question (and `instruction`, on its own line) without the image line, as LLaVA records it.
 """
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import re
 import string
 from collections import Counter
 
-from megamod.data.templates import encode_prompt, get_template
+from megamod.data.templates import encode_prompt
 from megamod.eval.formats import OpenItem
+from megamod.eval.prompts import question_text, template as resolve_template, with_instruction
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -48,16 +50,14 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 def evaluate_captions(loaded, tokenizer, items: list[OpenItem], *, batch_size: int = 8, max_new_tokens: int = 128,
-                      template: str = "llava_mod", progress: bool = False) -> dict:
+                      template: str = "llava_mod", instruction: str | None = None, progress: bool = False) -> dict:
     from megamod.eval.generate import greedy_generate
-    from megamod.eval.scoring import with_image
 
-    tmpl = get_template(template)
+    tmpl = resolve_template(template)
     rows, prompts = [], []
     for pos, item in enumerate(items):
-        question = with_image(item.question, item.image is not None)
-        prompts.append(question)
-        rows.append((pos, encode_prompt(tmpl, tokenizer, [], question).tolist(),
+        prompts.append(with_instruction(item.question, instruction))
+        rows.append((pos, encode_prompt(tmpl, tokenizer, [], question_text(item, instruction)).tolist(),
                      item if item.image is not None else None))
     generated = greedy_generate(loaded, rows, max_new_tokens=max_new_tokens, stop_ids=stop_ids(tokenizer),
                                 batch_size=batch_size, progress=progress, vocab_size=tokenizer.vocab_size)

@@ -4,15 +4,19 @@ Yes/no (`read_pope`), JSON Lines, one object per line:
 - POPE as published (the POPE repository's coco/aokvqa/gqa_pope_{random,popular,adversarial}.json files, which are
   JSON Lines despite the name): {"question_id", "image", "text", "label": "yes" | "no"};
 - the synthetic data set's eval/pope_{random,adversarial}.jsonl, which uses the same fields.
-  "label" is read case-insensitively; "answer" is accepted in its place.
+  "label" is read case-insensitively; "answer" is accepted in its place; an optional "category" (e.g. adversarial)
+  splits the scores.
 
 Multiple choice (`read_mcq`):
 - MMBench's published TSV (`*.tsv`: columns index, question, hint, A, B, C, D, answer, category, image as base64;
   empty or "nan" options and hints are absent, options stop at the first absent letter as LLaVA's eval does; an image
-  cell holding only digits refers to the row of that index, as VLMEvalKit writes repeated images);
+  cell holding only digits refers to the row of that index, as VLMEvalKit writes repeated images; a numeric index is
+  the item's id as an int, as pandas reads it in LLaVA's scripts);
 - the synthetic eval/mmbench.jsonl (any other extension), one object per line with the same fields, "image" a path.
 
 MME (`read_mme`, eval/mme.py): the release directory as published (MME_Benchmark_release_version/).
+LLaVA's POPE question file with POPE's annotation directory: eval/pope_llava.py. eval/tasks.py maps task names to
+readers.
 
 Open answers (`read_open`): LLaVA's question JSON Lines {"question_id", "image", "text"} with optional references.
 
@@ -68,6 +72,13 @@ class ChoiceItem:
     category: str | None
     image: str | bytes | None
     location: str
+
+
+def rotate(item: ChoiceItem, r: int) -> ChoiceItem:
+    """Options moved r places left (LLaVA's circular MMBench: round r puts option r first); the answer follows."""
+    n = len(item.options)
+    return ChoiceItem(item.id, item.question, item.hint, item.options[r:] + item.options[:r], (item.answer - r) % n,
+                      item.category, item.image, item.location)
 
 
 def open_image(item):
@@ -155,7 +166,7 @@ def read_pope(path: str, image_folder: str | None = None, limit: int | None = No
             raise FormatError(f"{where}: field 'label' must be \"yes\" or \"no\", got {label!r}")
         image = images(_text(obj, "image", where), where)
         items.append(YesNoItem(obj.get("question_id", lineno), _text(obj, "text", where), image,
-                               label.strip().lower() == "yes", where))
+                               label.strip().lower() == "yes", where, _optional(obj.get("category"))))
     return items
 
 
@@ -175,7 +186,9 @@ def _choice(row: dict, image, where: str) -> ChoiceItem:
     question = _optional(row.get("question"))
     if question is None:
         raise FormatError(f"{where}: field 'question' is missing or empty")
-    return ChoiceItem(row.get("index", where), question, _optional(row.get("hint")), options,
+    index = row.get("index", where)
+    index = int(index) if isinstance(index, str) and index.strip().isdigit() else index
+    return ChoiceItem(index, question, _optional(row.get("hint")), options,
                       LETTERS.index(answer.strip()), _optional(row.get("category")), image, where)
 
 
@@ -248,15 +261,3 @@ def read_open(path: str, image_folder: str | None = None, limit: int | None = No
     images = _Images(path, image_folder)
     return [OpenItem(obj.get("question_id", lineno), _text(obj, "text", where), images.optional(obj, where),
                      _references(obj, where), where) for lineno, where, obj in _records(path, limit)]
-
-
-def read_items(task: str, path: str, image_folder: str | None = None, limit: int | None = None) -> list:
-    from megamod.eval.mme import read_mme
-
-    readers = {"pope": read_pope, "mcq": read_mcq, "mme": read_mme, "caption": read_open}
-    if task not in readers:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(readers)}")
-    items = readers[task](path, image_folder, limit)
-    if not items:
-        raise FormatError(f"{path}: no evaluation records")
-    return items

@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from megamod.eval.formats import open_image, read_items
+from megamod.eval.formats import open_image
+from megamod.eval.tasks import read_items
 
 
 def _image_positions(config) -> int:

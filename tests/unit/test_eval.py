@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from megamod.cli import main
-from megamod.eval import formats, scoring
+from megamod.eval import formats, metrics, prompts, scoring
 
 
 def _png(size=(8, 6), color=(10, 200, 30)) -> bytes:
@@ -31,22 +31,22 @@ def _tok(p):
 def test_pope_metrics_match_hand_computed_values():
     pred = [True, True, False, False, True, False]
     label = [True, False, False, True, True, False]  # tp 2, fp 1, tn 2, fn 1
-    m = scoring.pope_metrics(pred, label)
+    m = metrics.pope_metrics(pred, label)
     assert m == pytest.approx({"count": 6, "accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3,
-                               "yes_ratio": 0.5})
-    m = scoring.pope_metrics([True, True, True, False], [True, False, False, False])  # tp 1, fp 2, tn 1
+                               "yes_ratio": 0.5, "tp": 2, "fp": 1, "tn": 2, "fn": 1})
+    m = metrics.pope_metrics([True, True, True, False], [True, False, False, False])  # tp 1, fp 2, tn 1
     assert m == pytest.approx({"count": 4, "accuracy": 0.5, "precision": 1 / 3, "recall": 1.0, "f1": 0.5,
-                               "yes_ratio": 0.75})
-    m = scoring.pope_metrics([False] * 4, [True, False, True, False])  # never yes: 0/0 precision counts as 0
+                               "yes_ratio": 0.75, "tp": 1, "fp": 2, "tn": 1, "fn": 0})
+    m = metrics.pope_metrics([False] * 4, [True, False, True, False])  # never yes: 0/0 precision counts as 0
     assert m == pytest.approx({"count": 4, "accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
-                               "yes_ratio": 0.0})
+                               "yes_ratio": 0.0, "tp": 0, "fp": 0, "tn": 2, "fn": 2})
 
 
 def test_rotation_and_circular_accuracy():
     item = formats.ChoiceItem(7, "Which?", None, ["a", "b", "c", "d"], 2, None, None, "f:1")
-    assert [(r.options, r.answer) for r in (scoring.rotate(item, k) for k in (1, 2, 3))] == [
+    assert [(r.options, r.answer) for r in (formats.rotate(item, k) for k in (1, 2, 3))] == [
         (["b", "c", "d", "a"], 1), (["c", "d", "a", "b"], 0), (["d", "a", "b", "c"], 3)]
-    assert scoring.circular_accuracy([[True, True, True], [True, False, True], [False]]) == pytest.approx(1 / 3)
+    assert metrics.circular_accuracy([[True, True, True], [True, False, True], [False]]) == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("oracle", [True, False])
@@ -70,7 +70,7 @@ def test_circular_evaluation_on_fake_choices(engine_setup, monkeypatch, oracle):
         return chosen
 
     monkeypatch.setattr(runner, "choose", fake_choose)
-    loaded = SimpleNamespace(kind="llava", image_token_id=tok.image_id,
+    loaded = SimpleNamespace(kind="llava", family=SimpleNamespace(takes_images=True), image_token_id=tok.image_id,
                              language=SimpleNamespace(vocab_size=tok.vocab_size))
     result = scoring.evaluate_model(loaded, tok, "mcq", items, circular=True)
     first_a = sum(it.answer == 0 for it in items) / len(items)
@@ -127,7 +127,7 @@ def test_yes_no_choice_equals_an_independent_forward(engine_setup, world1):
     torch.testing.assert_close(batched_BV, torch.stack(singles), rtol=1e-4, atol=1e-4)
 
 
-def test_eval_reads_the_tokenizers_ids_not_the_models_rows(engine_setup, monkeypatch, tmp_path):
+def test_eval_reads_the_tokenizers_ids_not_the_models_rows(engine_setup, world1, monkeypatch, tmp_path):
     """A given tokenizer whose ids mean other tokens than the checkpoint's own is refused, naming both; generation
     chooses among the tokenizer's ids (a model's rows past them are padding); a tokenizer wider than the model is
     refused."""
@@ -150,7 +150,8 @@ def test_eval_reads_the_tokenizers_ids_not_the_models_rows(engine_setup, monkeyp
     items = formats.read_open(os.path.join(p["data"], "eval", "captions.jsonl"), limit=2)
 
     def model(rows):
-        return SimpleNamespace(kind="llava", image_token_id=tok.image_id, language=SimpleNamespace(vocab_size=rows))
+        return SimpleNamespace(kind="llava", family=SimpleNamespace(takes_images=True), image_token_id=tok.image_id,
+                               language=SimpleNamespace(vocab_size=rows))
 
     scoring.evaluate_model(model(tok.vocab_size + 32), tok, "caption", items)
     assert seen["vocab_size"] == tok.vocab_size
@@ -214,12 +215,12 @@ def test_reads_mmbench_tsv(tmp_path):
         [2, "How many?\nCount them.", "", "1", "2", "3", "nan", "C", "count", "0"],  # image of row 0
     ])
     items = formats.read_mcq(path)
-    assert [(i.id, i.hint, i.options, i.answer, i.category) for i in items] == [
-        ("0", "The picture shows a thing.", ["red", "green", "blue", "black"], 1, "attribute"),
-        ("1", None, ["yes", "no"], 0, "shape"), ("2", None, ["1", "2", "3"], 2, "count")]
+    assert [(i.id, i.hint, i.options, i.answer, i.category) for i in items] == [  # ids as pandas reads them
+        (0, "The picture shows a thing.", ["red", "green", "blue", "black"], 1, "attribute"),
+        (1, None, ["yes", "no"], 0, "shape"), (2, None, ["1", "2", "3"], 2, "count")]
     assert items[1].location == f"{path}:3" and items[2].question == "How many?\nCount them."
     assert all(i.image == png for i in items) and formats.open_image(items[2]).size == (5, 4)
-    question = scoring.choice_question(items[0])
+    question = prompts.choice_question(items[0])
     assert question == ("<image>\nThe picture shows a thing.\nWhat color is it?\nA. red\nB. green\nC. blue\n"
                         "D. black\nAnswer with the option's letter from the given choices directly.")
 
@@ -248,7 +249,7 @@ def test_reads_the_synthetic_eval_files(engine_setup):
     from megamod.data.synthetic import mcq_prompt
 
     item = mcq[0]
-    assert scoring.choice_question(item) == "<image>\n" + mcq_prompt(
+    assert prompts.choice_question(item) == "<image>\n" + mcq_prompt(
         {"question": item.question, "options": item.options})  # the prompt the model was trained on
 
 
