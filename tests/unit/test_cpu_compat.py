@@ -642,15 +642,18 @@ def test_optimizer_types_needed_and_distributed_optimizer_steps():
     expected_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads.values()])).item()
     assert grad_norm == pytest.approx(expected_norm, rel=1e-5)
 
-    # the same Adam step done by torch on the same gradients
-    ref = {n: torch.nn.Parameter(b.clone()) for n, b in before.items()}
-    for n, p in ref.items():
-        p.grad = grads[n]
-    torch.optim.Adam(list(ref.values()), lr=0.01, betas=(opt_config.adam_beta1, opt_config.adam_beta2),
-                     eps=opt_config.adam_eps).step()
+    # Without TransformerEngine or Apex megatron steps with torch's AdamW, which is torch's Adam: the reference is
+    # therefore Adam's first step written out, in float64, on the same gradients (no weight decay):
+    # m = (1 - b1) g and v = (1 - b2) g^2, bias-corrected to g and g^2, give p - lr * g / (sqrt(g^2) + eps).
+    assert type(inner[0].optimizer) is torch.optim.AdamW
+    b1, b2, eps, lr = opt_config.adam_beta1, opt_config.adam_beta2, opt_config.adam_eps, 0.01
     moved = 0
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), ref[n].detach(), rtol=1e-6, atol=1e-7, msg=n)
+        g = grads[n].double()
+        m_hat = (1 - b1) * g / (1 - b1)
+        v_hat = (1 - b2) * g * g / (1 - b2)
+        ref = before[n].double() - lr * m_hat / (v_hat.sqrt() + eps)
+        torch.testing.assert_close(p.detach().double(), ref, rtol=1e-6, atol=1e-7, msg=n)
         moved += int(not torch.equal(p.detach(), before[n]))
     assert moved > 0
 
@@ -817,38 +820,91 @@ def _norm_config(normalization, sequence_parallel=True):
                              use_cpu_initialization=True)
 
 
+def _rms_norm_reference(x, weight, eps):
+    """RMSNorm by hand, in float64: x / sqrt(mean(x^2) + eps) * weight."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def _layer_norm_reference(x, weight, bias, eps):
+    """LayerNorm by hand, in float64: (x - mean) / sqrt(var + eps) * weight + bias (biased variance)."""
+    x = x.double()
+    centred = x - x.mean(-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * weight.double() + bias.double()
+
+
+def _assert_matches_reference(norm, reference, x, params):
+    """norm's output and gradients (input and parameters) against the float64 reference's, on a weighted sum."""
+    xi = x.clone().requires_grad_()
+    out = norm(xi)
+    assert out.dtype == torch.float32
+    w_out = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * w_out).sum().backward()
+    x64 = x.double().requires_grad_()
+    params64 = [p.detach().double().requires_grad_() for p in params]
+    ref = reference(x64, *params64)
+    (ref * w_out.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xi.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    for p, p64 in zip(params, params64):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_sequence_parallel_torch_norm():
+    from megatron.core.transformer import torch_norm
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    from megamod.models.specs import SequenceParallelTorchNorm
+    from megamod.models.language import LanguageModelConfig, build_language_model
+    from megamod.models.specs import SequenceParallelTorchNorm, decoder_block_spec
 
+    # megatron's torch norm is megatron's own (nothing patched it) and refuses sequence parallelism ...
+    assert WrappedTorchNorm.__module__ == torch_norm.__name__ and WrappedTorchNorm.__qualname__ == "WrappedTorchNorm"
     config = _norm_config("RMSNorm")
     with pytest.raises(AssertionError, match="sequence parallel"):
         WrappedTorchNorm(config, 8, eps=1e-6)
+    # ... so the local spec puts megamod's in its place, for every norm of the block
+    spec = decoder_block_spec(_norm_config("RMSNorm", sequence_parallel=False), use_te=False)
+    norms = [spec.layer_norm] + [n for layer in spec.layer_specs
+                                 for n in (layer.submodules.input_layernorm, layer.submodules.pre_mlp_layernorm)]
+    assert norms == [SequenceParallelTorchNorm] * 3, norms
 
     norm = SequenceParallelTorchNorm(config, 8, eps=1e-6)
-    assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6
+    # torch's own RMSNorm, not a subclass or a stand-in: its forward is torch.nn's
+    assert type(norm) is torch.nn.RMSNorm and type(norm).forward is torch.nn.modules.normalization.RMSNorm.forward
+    assert norm.eps == 1e-6 and norm.normalized_shape == (8,)
     params = list(norm.parameters())
     assert len(params) == 1 and all(getattr(p, "sequence_parallel", None) is True for p in params)
 
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(8, generator=gen))
-    ref = torch.nn.RMSNorm(8, eps=1e-6)
-    with torch.no_grad():
-        ref.weight.copy_(norm.weight)
     x = torch.randn(3, 2, 8, generator=gen)
-    torch.testing.assert_close(norm(x), ref(x))
-    manual = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
-    torch.testing.assert_close(norm(x), manual)
+    _assert_matches_reference(norm, lambda x, w: _rms_norm_reference(x, w, 1e-6), x, [norm.weight])
+    # eps counts: a row of tiny values normalises to well below 1 with eps=1e-6 (rms 1e-3), to about 1 without it
+    tiny = torch.full((1, 8), 1e-3)
+    torch.testing.assert_close(norm(tiny).double(), _rms_norm_reference(tiny, norm.weight, 1e-6), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(norm(tiny).double(), _rms_norm_reference(tiny, norm.weight, 0.0), rtol=1e-2)
 
     layer_norm = SequenceParallelTorchNorm(_norm_config("LayerNorm"), 8, eps=1e-5)
-    assert isinstance(layer_norm, torch.nn.LayerNorm)
+    assert type(layer_norm) is torch.nn.LayerNorm and layer_norm.eps == 1e-5
     assert [getattr(p, "sequence_parallel", None) for p in layer_norm.parameters()] == [True, True]
-    torch.testing.assert_close(layer_norm(x), torch.nn.functional.layer_norm(x, (8,), eps=1e-5))
+    with torch.no_grad():
+        layer_norm.weight.copy_(1 + 0.3 * torch.randn(8, generator=gen))
+        layer_norm.bias.copy_(0.2 * torch.randn(8, generator=gen))
+    _assert_matches_reference(layer_norm, lambda x, w, b: _layer_norm_reference(x, w, b, 1e-5), x,
+                              [layer_norm.weight, layer_norm.bias])
 
     off = SequenceParallelTorchNorm(_norm_config("RMSNorm", sequence_parallel=False), 8)
     assert [getattr(p, "sequence_parallel", None) for p in off.parameters()] == [False]
+
+    # and a model built on the local spec has torch's RMSNorm, megamod-marked, where megatron's would be
+    cfg = LanguageModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_attention_heads=2, num_query_groups=1,
+                              ffn_hidden_size=32, vocab_pad_multiple=8, max_position_embeddings=16)
+    model = build_language_model(cfg)
+    built = [model.decoder.final_layernorm, model.decoder.layers[0].input_layernorm,
+             model.decoder.layers[0].pre_mlp_layernorm]
+    assert [type(m) for m in built] == [torch.nn.RMSNorm] * 3, [type(m) for m in built]
+    assert all(p.sequence_parallel is False for m in built for p in m.parameters())
 
     config.normalization = "L2Norm"
     with pytest.raises(ValueError, match="L2Norm"):
