@@ -117,3 +117,71 @@ def swap_token_ids(tokenizer_dir: str, out_dir: str, a: int = 100, b: int = 101)
     with open(path, "w") as f:
         json.dump(tok, f)
     return out_dir
+
+
+PERMUTE_KERNELS = ("build_row_id_map", "permute_fwd", "permute_bwd", "unpermute_fwd", "unpermute_bwd")
+
+
+class PermuteCalls:
+    """Counts the calls into megamod._C's permute kernels (eager and custom-op paths both look them up on the module)
+    and into megatron-core's torch permute/unpermute (moe_utils and the names its token dispatchers imported), so that a
+    test comparing the two can show which path each side took. Use as `with PermuteCalls() as calls:`, then
+    `calls.kernels()` / `calls.megatron()` (total counts) or `calls.counts` (per name), and `calls.reset()`.
+    `extension`: the megamod._C module to watch (for a test that hides it from imports); by default it is imported,
+    and where it cannot be, no kernel can run and none is counted."""
+
+    def __init__(self, extension=None):
+        import collections
+
+        self.counts = collections.Counter()
+        self._extension = extension
+        self._undo = []
+
+    def _wrap(self, owner, attr, key):
+        original = getattr(owner, attr)
+
+        def counted(*args, **kwargs):
+            self.counts[key] += 1
+            return original(*args, **kwargs)
+
+        setattr(owner, attr, counted)
+        self._undo.append(lambda: setattr(owner, attr, original))
+
+    def __enter__(self):
+        import importlib
+
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+        permute_module = importlib.import_module("megamod.ops.permute")  # `megamod.ops.permute` is also the function
+        extension = self._extension
+        if extension is None:
+            try:
+                extension = importlib.import_module("megamod._C")
+            except ImportError:
+                pass
+        try:
+            for name in PERMUTE_KERNELS if extension is not None else ():
+                self._wrap(extension, name, name)
+            for owner in (moe_utils, token_dispatcher):
+                for name in ("permute", "unpermute"):
+                    self._wrap(owner, name, f"megatron.{name}")
+            # the oracle's permute calls moe_utils.permute through its module; its unpermute is the function itself
+            self._wrap(permute_module.MEGATRON_TORCH_PATH, "unpermute", "megatron.unpermute")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        while self._undo:
+            self._undo.pop()()
+        return False
+
+    def kernels(self) -> int:
+        return sum(self.counts[name] for name in PERMUTE_KERNELS)
+
+    def megatron(self) -> int:
+        return self.counts["megatron.permute"] + self.counts["megatron.unpermute"]
+
+    def reset(self) -> None:
+        self.counts.clear()

@@ -1,4 +1,8 @@
-"""megamod.ops.permute / unpermute against megatron-core's moe_utils (the oracle), forward and backward."""
+"""megamod.ops.permute / unpermute against megatron-core's moe_utils (the oracle), forward and backward.
+
+ops falls back to the oracle itself when megamod._C is missing, so every comparison counts the calls to the kernels
+and to megatron's torch path (tests.helpers.PermuteCalls): ops must have run the kernels, the oracle must not have;
+test_the_comparison_catches_a_broken_kernel shows that a wrong kernel result fails the comparison."""
 import importlib
 import logging
 import sys
@@ -7,6 +11,12 @@ import pytest
 import torch
 
 from megamod import ops
+from tests.helpers import PermuteCalls
+
+try:
+    import megamod._C as EXTENSION  # kept for the spies while a test hides it from imports
+except ImportError:
+    EXTENSION = None
 
 permute_module = importlib.import_module("megamod.ops.permute")  # `megamod.ops.permute` is also the function
 MEGATRON = permute_module.MEGATRON_TORCH_PATH  # megatron-core's oracle, called as ops is on 0.16 and 0.19
@@ -74,48 +84,116 @@ def test_extension_is_built():
     assert ops.extension_available(), "megamod._C did not import: run `pip install --no-build-isolation -e .`"
 
 
+def assert_paths(calls_ops, calls_ref, kernels):
+    """ops ran these kernels (name: count) and nothing of megatron's; the oracle ran megatron's path only."""
+    assert dict(calls_ops.counts) == kernels, dict(calls_ops.counts)
+    assert calls_ref.kernels() == 0 and calls_ref.megatron() > 0, dict(calls_ref.counts)
+
+
+def permute_runs(name, T, E, k, dtype, probs_dtype):
+    """(ops' results, the oracle's results): permuted rows and probs, and the gradients of tokens and probs."""
+    routing_map_TE, probs_TE = make_routing(name, T, E, k, probs_dtype)
+    tokens_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    runs, calls = [], []
+    for impl in (ops, MEGATRON):
+        with PermuteCalls() as counted:
+            x_TH, p_TE = leaf(tokens_TH), leaf(probs_TE)
+            permuted_PH, permuted_probs_P, _ = impl.permute(x_TH, routing_map_TE, probs=p_TE,
+                                                            num_out_tokens=int(routing_map_TE.sum()))
+            gen = torch.Generator().manual_seed(2)
+            grad_PH = torch.randn(permuted_PH.shape, generator=gen).to(dtype)
+            grad_P = torch.randn(permuted_probs_P.shape, generator=gen).to(probs_dtype)
+            torch.autograd.backward([permuted_PH, permuted_probs_P], [grad_PH, grad_P])
+        runs.append((permuted_PH, permuted_probs_P, x_TH.grad, p_TE.grad))
+        calls.append(counted)
+    assert_paths(*calls, {"build_row_id_map": 1, "permute_fwd": 1, "permute_bwd": 1})
+    return runs
+
+
 @pytest.mark.parametrize("dtype, probs_dtype, tol", DTYPES)
 @pytest.mark.parametrize("name, T, E, k", CASES, ids=[c[0] for c in CASES])
 def test_permute_matches_megatron(name, T, E, k, dtype, probs_dtype, tol):
-    routing_map_TE, probs_TE = make_routing(name, T, E, k, probs_dtype)
-    tokens_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
-    runs = []
-    for impl in (ops, MEGATRON):
-        x_TH, p_TE = leaf(tokens_TH), leaf(probs_TE)
-        permuted_PH, permuted_probs_P, _ = impl.permute(x_TH, routing_map_TE, probs=p_TE,
-                                                        num_out_tokens=int(routing_map_TE.sum()))
-        gen = torch.Generator().manual_seed(2)
-        grad_PH = torch.randn(permuted_PH.shape, generator=gen).to(dtype)
-        grad_P = torch.randn(permuted_probs_P.shape, generator=gen).to(probs_dtype)
-        torch.autograd.backward([permuted_PH, permuted_probs_P], [grad_PH, grad_P])
-        runs.append((permuted_PH, permuted_probs_P, x_TH.grad, p_TE.grad))
-    for ours, ref in zip(*runs):
+    for ours, ref in zip(*permute_runs(name, T, E, k, dtype, probs_dtype)):
         assert_match(ours, ref, tol)
+
+
+def unpermute_runs(name, T, E, k, dtype, probs_dtype, with_probs):
+    """(ops' results, the oracle's results): the unpermuted rows and the gradients of the permuted rows and probs."""
+    routing_map_TE, probs_TE = make_routing(name, T, E, k, probs_dtype)
+    P = int(routing_map_TE.sum())
+    permuted_PH = torch.randn(P, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(dtype)
+    runs, calls = [], []
+    for impl in (ops, MEGATRON):
+        _, _, index_map = impl.permute(torch.zeros(T, H, dtype=dtype), routing_map_TE)
+        with PermuteCalls() as counted:
+            y_PH, p_TE = leaf(permuted_PH), leaf(probs_TE)
+            out_TH = impl.unpermute(y_PH, index_map, (T, H), probs=p_TE if with_probs else None,
+                                    routing_map=routing_map_TE)
+            out_TH.backward(grad_TH)
+        runs.append((out_TH, y_PH.grad, p_TE.grad))
+        calls.append(counted)
+    # backward: with probs its own kernel, without them a permute of the output gradient
+    assert_paths(*calls, {"unpermute_fwd": 1, "unpermute_bwd" if with_probs else "permute_fwd": 1})
+    return runs
 
 
 @pytest.mark.parametrize("with_probs", [True, False], ids=["probs", "no_probs"])
 @pytest.mark.parametrize("dtype, probs_dtype, tol", DTYPES)
 @pytest.mark.parametrize("name, T, E, k", CASES, ids=[c[0] for c in CASES])
 def test_unpermute_matches_megatron(name, T, E, k, dtype, probs_dtype, tol, with_probs):
-    routing_map_TE, probs_TE = make_routing(name, T, E, k, probs_dtype)
-    P = int(routing_map_TE.sum())
-    permuted_PH = torch.randn(P, H, generator=torch.Generator().manual_seed(1)).to(dtype)
-    grad_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(dtype)
-    runs = []
-    for impl in (ops, MEGATRON):
-        _, _, index_map = impl.permute(torch.zeros(T, H, dtype=dtype), routing_map_TE)
-        y_PH, p_TE = leaf(permuted_PH), leaf(probs_TE)
-        out_TH = impl.unpermute(y_PH, index_map, (T, H), probs=p_TE if with_probs else None,
-                                routing_map=routing_map_TE)
-        out_TH.backward(grad_TH)
-        runs.append((out_TH, y_PH.grad, p_TE.grad))
-    (out, grad_y, grad_p), (ref_out, ref_grad_y, ref_grad_p) = runs
+    (out, grad_y, grad_p), (ref_out, ref_grad_y, ref_grad_p) = unpermute_runs(name, T, E, k, dtype, probs_dtype,
+                                                                              with_probs)
     assert_match(out, ref_out, tol)
     assert_match(grad_y, ref_grad_y, tol)
     if with_probs:
         assert_match(grad_p, ref_grad_p, DOT_FP32 if tol["rtol"] == 0 else tol)
     else:
         assert grad_p is None and ref_grad_p is None
+
+
+def _swap_first_rows(result):
+    """Rows 0 and 1 of a kernel's first result exchanged."""
+    first, *rest = result if isinstance(result, tuple) else (result,)
+    first = first.clone()
+    first[[0, 1]] = first[[1, 0]]
+    return (first, *rest) if rest else first
+
+
+def _nudge_second(result):
+    """The second result (a probs gradient) with one entry off by 1e-3."""
+    first, second = result
+    second = second.clone()
+    second.view(-1)[second.view(-1).nonzero()[0]] += 1e-3
+    return first, second
+
+
+BROKEN_KERNELS = {  # kernel: (what goes wrong in its results, the index of the compared result that shows it)
+    "permute_fwd": (_swap_first_rows, 0),  # the permuted rows
+    "permute_bwd": (_swap_first_rows, 2),  # the tokens' gradient
+    "unpermute_fwd": (_swap_first_rows, 0),  # the unpermuted rows
+    "unpermute_bwd": (_nudge_second, 2),  # the probs' gradient
+}
+
+
+@pytest.mark.parametrize("kernel", list(BROKEN_KERNELS))
+def test_the_comparison_catches_a_broken_kernel(monkeypatch, kernel):
+    """One kernel's results slightly wrong fail the comparisons above (fp32, the random case) where they should."""
+    breakage, shows_in = BROKEN_KERNELS[kernel]
+    real = getattr(EXTENSION, kernel)
+    monkeypatch.setattr(EXTENSION, kernel, lambda *args: breakage(real(*args)))
+    if kernel.startswith("permute"):
+        runs = permute_runs("random", 37, 6, 2, torch.float32, torch.float32)
+    else:
+        runs = unpermute_runs("random", 37, 6, 2, torch.float32, torch.float32, with_probs=True)
+    mismatched = []
+    for i, (ours, ref) in enumerate(zip(*runs)):
+        try:
+            # as in test_unpermute_matches_megatron, the probs' gradient of unpermute within DOT_FP32
+            assert_match(ours, ref, DOT_FP32 if i == 2 and kernel.startswith("unpermute") else dict(rtol=0, atol=0))
+        except AssertionError:
+            mismatched.append(i)
+    assert mismatched == [shows_in]
 
 
 def test_results_do_not_depend_on_threads():
@@ -126,14 +204,16 @@ def test_results_do_not_depend_on_threads():
     for num_threads in (1, 2):
         torch.set_num_threads(num_threads)
         try:
-            x_TH, p_TE = leaf(tokens_TH), leaf(probs_TE)
-            permuted_PH, permuted_probs_P, index_map = ops.permute(x_TH, routing_map_TE, probs=p_TE)
-            out_TH = ops.unpermute(permuted_PH * permuted_probs_P[:, None], index_map, x_TH.shape, probs=p_TE,
-                                   routing_map=routing_map_TE)
-            out_TH.square().sum().backward()
+            with PermuteCalls() as calls:
+                x_TH, p_TE = leaf(tokens_TH), leaf(probs_TE)
+                permuted_PH, permuted_probs_P, index_map = ops.permute(x_TH, routing_map_TE, probs=p_TE)
+                out_TH = ops.unpermute(permuted_PH * permuted_probs_P[:, None], index_map, x_TH.shape, probs=p_TE,
+                                       routing_map=routing_map_TE)
+                out_TH.square().sum().backward()
             runs.append((out_TH, x_TH.grad, p_TE.grad))
         finally:
             torch.set_num_threads(threads)
+        assert calls.kernels() == 5 and calls.megatron() == 0, dict(calls.counts)  # each kernel once
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -152,9 +232,12 @@ def test_gradcheck_float64():
     def unpermute(y, p):
         return ops.unpermute(y, index_map, (7, 5), probs=p, routing_map=routing_map_TE)
 
-    assert torch.autograd.gradcheck(permute, (tokens_TH, probs_TE))
-    assert torch.autograd.gradcheck(unpermute, (permuted_PH, probs_TE))
-    assert torch.autograd.gradcheck(lambda y: ops.unpermute(y, index_map, (7, 5)), (permuted_PH,))
+    with PermuteCalls() as calls:
+        assert torch.autograd.gradcheck(permute, (tokens_TH, probs_TE))
+        assert torch.autograd.gradcheck(unpermute, (permuted_PH, probs_TE))
+        assert torch.autograd.gradcheck(lambda y: ops.unpermute(y, index_map, (7, 5)), (permuted_PH,))
+    # the kernels' backward, not megatron's, was checked against finite differences
+    assert calls.megatron() == 0 and calls.counts["permute_bwd"] > 0 and calls.counts["unpermute_bwd"] > 0
 
 
 @pytest.fixture
@@ -172,10 +255,13 @@ def test_fallback_equals_oracle_and_logs_once(no_extension, caplog):
         assert not ops.extension_available()
         runs = []
         for impl in (ops, MEGATRON):
-            permuted_PH, permuted_probs_P, index_map = impl.permute(tokens_TH, routing_map_TE, probs=probs_TE)
-            out_TH = impl.unpermute(permuted_PH, index_map, tokens_TH.shape, probs=probs_TE,
-                                    routing_map=routing_map_TE)
+            with PermuteCalls(extension=EXTENSION) as calls:
+                permuted_PH, permuted_probs_P, index_map = impl.permute(tokens_TH, routing_map_TE, probs=probs_TE)
+                out_TH = impl.unpermute(permuted_PH, index_map, tokens_TH.shape, probs=probs_TE,
+                                        routing_map=routing_map_TE)
             runs.append((permuted_PH, permuted_probs_P, index_map, out_TH))
+            # without the extension, ops is megatron's path: no kernel, one megatron permute and unpermute
+            assert dict(calls.counts) == {"megatron.permute": 1, "megatron.unpermute": 1}, dict(calls.counts)
     for ours, ref in zip(*runs):
         assert torch.equal(ours, ref)
     records = [r for r in caplog.records if r.name == permute_module.__name__]

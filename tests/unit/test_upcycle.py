@@ -1,4 +1,8 @@
-"""Upcycling is function-preserving and every expert is the dense FFN, bit for bit (EP=2 in tests/distributed)."""
+"""Upcycling is function-preserving and every expert is the dense FFN, bit for bit (EP=2 in tests/distributed).
+
+The sparse models' MoE layers permute tokens with megamod._C's kernels, which fall back to megatron-core's torch path
+when the extension is missing: every forward of a sparse model here counts the calls to both (tests.helpers
+.PermuteCalls), so that a comparison shows the kernels ran, and that the reference it is compared with did not."""
 import os
 
 import pytest
@@ -12,7 +16,7 @@ from megamod.models.language import LanguageModelConfig, build_language_model
 from megamod.models.llava import LlavaConfig, build_llava_model, expand_image_tokens
 from megamod.models.moe import AlltoAllTokenDispatcher, MegamodMoELayer
 from megamod.models.upcycle import dense_source, moe_layer_pattern
-from tests.helpers import tiny_llava, tiny_qwen2
+from tests.helpers import PermuteCalls, tiny_llava, tiny_qwen2
 
 
 def _load(ckpt, build, config_cls):
@@ -20,6 +24,15 @@ def _load(ckpt, build, config_cls):
     model = build(cfg, init_weights=False)
     checkpoint.load_model(model, ckpt)
     return cfg, model.eval()
+
+
+def _sparse_logits(model, *args):
+    """forward_logits of a sparse model, which must permute on megamod's kernels, never megatron-core's torch path."""
+    with PermuteCalls() as calls:
+        logits = forward_logits(model, *args)
+    assert calls.counts["permute_fwd"] > 0 and calls.counts["unpermute_fwd"] > 0, dict(calls.counts)
+    assert calls.megatron() == 0, dict(calls.counts)
+    return logits
 
 
 def test_layer_patterns():
@@ -58,7 +71,7 @@ def test_upcycled_language_model_equals_dense(world1, tmp_path):
             n_experts += ".local_experts." in name
     assert n_experts == 2 * 4 * 2  # layers x experts x (fc1, fc2)
     ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
-    a, b = forward_logits(dense, ids, cfg.vocab_size), forward_logits(sparse, ids, cfg.vocab_size)
+    a, b = forward_logits(dense, ids, cfg.vocab_size), _sparse_logits(sparse, ids, cfg.vocab_size)
     assert (a - b).abs().max().item() <= 1e-5
 
 
@@ -72,7 +85,7 @@ def test_upcycled_llava_equals_dense(world1, tmp_path):
     ids = torch.tensor([expand_image_tokens([3, 250, 7, 9], 250, 16)])
     images = torch.randn(1, 3, 32, 32)
     a = forward_logits(dense, ids, cfg.language.vocab_size, images)
-    b = forward_logits(sparse, ids, cfg.language.vocab_size, images)
+    b = _sparse_logits(sparse, ids, cfg.language.vocab_size, images)
     assert (a - b).abs().max().item() <= 1e-5
 
 
@@ -108,7 +121,7 @@ def test_sparse_export_is_qwen2_moe_with_equal_logits(world1, tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = hf.eval()(ids).logits
-    ours = forward_logits(model, ids, cfg.vocab_size)
+    ours = _sparse_logits(model, ids, cfg.vocab_size)
     assert (ours - ref).abs().max().item() <= 1e-4 and torch.equal(ours.argmax(-1), ref.argmax(-1))
     # and back: Qwen2-MoE -> megamod -> Qwen2-MoE is bitwise
     hf_to_megamod(str(tmp_path / "hf-moe"), str(tmp_path / "moe-again"))
@@ -132,7 +145,7 @@ def test_sparse_llava_export_loads_in_transformers(world1, tmp_path):
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = hf.eval()(input_ids=ids, pixel_values=images).logits
-    ours = forward_logits(model, ids, cfg.language.vocab_size, images)
+    ours = _sparse_logits(model, ids, cfg.language.vocab_size, images)
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
@@ -140,7 +153,8 @@ def test_sparse_llava_export_loads_in_transformers(world1, tmp_path):
                                                  ("allgather", 0.5)])
 def test_moe_layer_dispatchers_and_capacity_equal_megatron(world1, dispatcher, capacity):
     """The dispatcher seam: both dispatchers, dropless and with token dropping (capacity factor 0.5 drops about half
-    the assignments), equal megatron-core's own MoELayer on the same weights, forward and backward."""
+    the assignments), equal megatron-core's own MoELayer on the same weights, forward and backward. megamod's layer
+    runs the kernels forward and backward and never megatron's torch permute, megatron's layer the reverse."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megamod.models.moe import AllGatherTokenDispatcher
@@ -155,12 +169,17 @@ def test_moe_layer_dispatchers_and_capacity_equal_megatron(world1, dispatcher, c
     theirs = MoELayer(ours.config, ours.submodules, layer_number=1)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(16, 2, 64)
-    results = []
+    results, calls = [], []
     for layer in (ours, theirs):
         xi = x.clone().requires_grad_(True)
-        out, _ = layer(xi)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        with PermuteCalls() as counted:
+            out, _ = layer(xi)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append((out.detach(), xi.grad, [p.grad for p in layer.parameters()]))
+        calls.append(dict(counted.counts))
+    # ours: the row map, permute (with probs) and unpermute forward; backward, permute_bwd and unpermute's (a permute)
+    assert calls[0] == {"build_row_id_map": 1, "permute_fwd": 2, "unpermute_fwd": 1, "permute_bwd": 1}, calls[0]
+    assert calls[1] == {"megatron.permute": 1, "megatron.unpermute": 1}, calls[1]
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
     for g_ours, g_theirs in zip(results[0][2], results[1][2]):
