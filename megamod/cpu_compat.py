@@ -11,7 +11,7 @@ Not here, because they are about a missing TransformerEngine rather than a missi
 them without patching: sequence parallelism with torch norms (megamod's local spec uses
 `models.specs.SequenceParallelTorchNorm`); CLIPViTModel's default torch LayerNorm, LLaVAModel's TE-attention
 assertion with TP > 1 and its `vision_model_type` config field (the LLaVA model's spec and config set them).
-`models.language.mark_tensor_parallel_weights` is a fix for GPU runs too.
+`models.common.mark_tensor_parallel_weights` is a fix for GPU runs too.
 """
 from __future__ import annotations
 

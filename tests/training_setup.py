@@ -69,10 +69,10 @@ def build(root: str) -> dict:
     import torch
 
     from megamod import distributed
-    from megamod.commands.upcycle import upcycle
+    from megamod.convert.upcycle import upcycle
     from megamod.data.synthetic_writer import write_dataset
     from megamod.data.tokenizer import load_tokenizer
-    from megamod.models.factory import init_checkpoint
+    from megamod.families.factory import init_checkpoint
     from megamod.training.config import load_config
     from megamod.training.trainer import Trainer
 
@@ -87,9 +87,9 @@ def build(root: str) -> dict:
     torch.distributed.barrier()
     tok_dir = os.path.join(paths["data"], "tokenizer")
     tok = load_tokenizer(tok_dir)
-    init_checkpoint(llava_config(tok.vocab_size, tok.image_id, **TEACHER_LM), "llava", paths["teacher_init"], seed=1,
+    init_checkpoint(llava_config(tok.vocab_size, tok.image_id, **TEACHER_LM), paths["teacher_init"], seed=1,
                     tokenizer_dir=tok_dir)
-    init_checkpoint(llava_config(tok.vocab_size, tok.image_id, **STUDENT_LM), "llava", paths["student"], seed=2,
+    init_checkpoint(llava_config(tok.vocab_size, tok.image_id, **STUDENT_LM), paths["student"], seed=2,
                     tokenizer_dir=tok_dir)
     sft = base_recipe(root, "sft", paths["teacher_init"], paths["teacher_run"], schedule={"steps": 2})
     Trainer(load_config(base=sft)).train()
@@ -104,8 +104,8 @@ def student_with_teacher_tower(paths: dict, out: str, nudge: str | None = None) 
     import torch
 
     from megamod.data.tokenizer import load_tokenizer
-    from megamod.models.factory import init_checkpoint
-    from megamod.training.models import load
+    from megamod.families.factory import init_checkpoint
+    from megamod.loading.models import load
 
     tok_dir = os.path.join(paths["data"], "tokenizer")
     tok = load_tokenizer(tok_dir)
@@ -115,6 +115,6 @@ def student_with_teacher_tower(paths: dict, out: str, nudge: str | None = None) 
         w = tower[nudge].clone()
         w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf")))
         tower[nudge] = w
-    init_checkpoint(llava_config(tok.vocab_size, tok.image_id, **STUDENT_LM), "llava", out, seed=2,
+    init_checkpoint(llava_config(tok.vocab_size, tok.image_id, **STUDENT_LM), out, seed=2,
                     tokenizer_dir=tok_dir, vision_state=tower, vision_source=paths["teacher"])
     return out

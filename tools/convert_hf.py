@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from megamod import distributed
     from megamod.convert.checkpoint import hf_to_megamod, megamod_to_hf
 
+    distributed.initialize(distributed.ParallelConfig())  # conversion builds the whole model on one rank
     if args.direction == "hf-to-megamod":
         hf_to_megamod(args.hf_dir, args.out, args.dtype, args.vision_dir, args.image_token_id,
                       args.vision_feature_layer)

@@ -43,6 +43,7 @@ def run(args) -> int:
                    shard_size=args.shard_size, batch_size=args.batch_size, max_length=args.max_length,
                    tokenizer=args.tokenizer, model_dtype=args.model_dtype, tp=args.tp, pp=args.pp,
                    progress=not args.no_progress)
+    distributed.initialize(distributed.ParallelConfig(tp=args.tp, pp=args.pp))
     manifest = write_cache(job)
     if manifest is not None:
         log.info("teacher cache %s: %d samples in %d shards (%s)", args.out, manifest["num_samples"],

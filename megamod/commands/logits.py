@@ -15,8 +15,8 @@ import os
 import torch
 
 from megamod import checkpoint, distributed
-from megamod.models.factory import build_model, config_from_dict
-from megamod.models.llava import LlavaConfig, expand_image_tokens
+from megamod.families.factory import read_model
+from megamod.models.llava import expand_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,8 @@ def compute_logits(ckpt: str, input_ids: list[int], tp: int = 1, pp: int = 1, ep
     For LLaVA checkpoints, `input_ids` has one `<image>` id per image in `images_NCHW` (preprocessed)."""
     from megamod.inference import forward_logits
 
-    meta = checkpoint.read_metadata(ckpt)
-    dtype = checkpoint.dtype_from_name(meta["dtype"])
-    kind = meta.get("kind")
-    if kind not in ("llava", "language"):
-        raise ValueError(f"{ckpt}: kind {kind!r} is not supported by `logits`")
-    cfg = config_from_dict(kind, meta["model"])
-    language, image_token_id = (cfg.language, cfg.image_token_id) if kind == "llava" else (cfg, None)
+    _, family, dtype, cfg = read_model(ckpt)
+    language, image_token_id = family.language(cfg), family.image_token_id(cfg)
     bad = [i for i in input_ids if not 0 <= i < language.vocab_size]
     if bad:
         raise ValueError(f"input ids {bad} are outside the vocabulary [0, {language.vocab_size})")
@@ -46,11 +41,11 @@ def compute_logits(ckpt: str, input_ids: list[int], tp: int = 1, pp: int = 1, ep
         raise ValueError(f"the input ids hold {n_placeholders} <image> ids (id {image_token_id}) for "
                          f"{n_images} images: give one image per <image>")
     distributed.initialize(distributed.ParallelConfig(tp=tp, pp=pp, ep=ep))
-    model = build_model(cfg, kind, params_dtype=dtype)
-    if kind == "llava":
-        input_ids = expand_image_tokens(input_ids, image_token_id, cfg.vision.num_image_tokens)
+    model = family.build(cfg, params_dtype=dtype)
+    if family.takes_images:
+        input_ids = expand_image_tokens(input_ids, image_token_id, family.positions_per_image(cfg))
     checkpoint.load_model(model, ckpt)
-    images = images_NCHW if kind == "llava" and n_images else None
+    images = images_NCHW if n_images else None
     logits_BSV = forward_logits(model, torch.tensor([input_ids]), language.vocab_size, images)
     return None if logits_BSV is None else logits_BSV[0]
 
@@ -80,10 +75,10 @@ def _load_images(ckpt: str, paths: list[str]) -> torch.Tensor:
     """CLIP preprocessing at the checkpoint's resolution: pad to square with the mean colour, resize, normalise."""
     from megamod.data.images import ImageProcessor
 
-    meta = checkpoint.read_metadata(ckpt)
-    if meta.get("kind") != "llava":
-        raise ValueError(f"{ckpt}: --image needs a LLaVA checkpoint, this one is {meta.get('kind')!r}")
-    vision = LlavaConfig.from_dict(meta["model"]).vision
+    _, family, _, cfg = read_model(ckpt)
+    vision = family.vision(cfg)
+    if vision is None:
+        raise ValueError(f"{ckpt}: --image needs a model with a vision tower, this one is a {family.kind} model")
     processor = ImageProcessor(size=vision.image_size, mode="pad", mean=vision.image_mean, std=vision.image_std)
     return torch.stack([processor.load(p) for p in paths])
 

@@ -144,7 +144,7 @@ class Demo:
         import torch
 
         from megamod.data.tokenizer import load_tokenizer
-        from megamod.models.factory import init_checkpoint
+        from megamod.families.factory import init_checkpoint
         from megamod.models.language import LanguageModelConfig
         from megamod.models.llava import LlavaConfig
 
@@ -157,13 +157,14 @@ class Demo:
             shutil.rmtree(out)
         cfg = LlavaConfig(LanguageModelConfig(vocab_size=tok.vocab_size, **self.preset.teacher), self._vision_cfg(),
                           tok.image_id)
-        init_checkpoint(cfg, "llava", out, seed=1, tokenizer_dir=tok_dir, vision_state=tower,
+        init_checkpoint(cfg, out, seed=1, tokenizer_dir=tok_dir, vision_state=tower,
                         vision_source=self.path("vision", "tower.pt"))
         return {}
 
     def stage_prune(self) -> dict:
-        from megamod.commands.prune import prune
+        from megamod.convert.prune import prune
 
+        self._world()
         out = self.path("prune", "model")
         if os.path.exists(out):
             shutil.rmtree(out)
@@ -171,8 +172,9 @@ class Demo:
         return {"layers": info["num_layers"], "ffn_hidden_size": info["ffn_hidden_size"]}
 
     def stage_upcycle(self) -> dict:
-        from megamod.commands.upcycle import upcycle
+        from megamod.convert.upcycle import upcycle
 
+        self._world()
         out = self.path("upcycle", "model")
         if os.path.exists(out):
             shutil.rmtree(out)
@@ -188,6 +190,7 @@ class Demo:
         for model, ckpt in MODELS.items():
             results[model] = {}
             for split, (task, rel) in EVAL_FILES.items():
+                self._world()
                 r = evaluate(self.path(ckpt), task, os.path.join(self.data, rel), batch_size=16,
                              limit=self.preset.eval_limit)
                 results[model][split] = summary(r)
@@ -203,6 +206,7 @@ class Demo:
         hf_dir = self.path("export", "hf")
         if os.path.exists(hf_dir):
             shutil.rmtree(hf_dir)
+        self._world()
         megamod_to_hf(self.path("preference", "model"), hf_dir)
         rows = {}
         for split, (task, rel) in EVAL_FILES.items():

@@ -31,14 +31,12 @@ def read_metrics(path: str) -> list[dict]:
 def param_counts(ckpt: str) -> tuple[int, int]:
     """(total, activated per token) parameters of a megamod checkpoint: an MoE layer's token runs top-k of its
     experts, so (E - k) / E of its expert weights are not activated."""
-    from megamod import checkpoint
-    from megamod.models.factory import build_model, config_from_dict
+    from megamod.families.factory import read_model
 
-    meta = checkpoint.read_metadata(ckpt)
-    cfg = config_from_dict(meta["kind"], meta["model"])
-    model = build_model(cfg, meta["kind"])
+    _, family, _, cfg = read_model(ckpt)
+    model = family.build(cfg)
     total = sum(p.numel() for p in model.parameters())
-    language = cfg.language if meta["kind"] == "llava" else cfg
+    language = family.language(cfg)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     inactive = experts * (language.num_experts - language.moe_router_topk) // language.num_experts \
         if language.num_experts else 0

@@ -19,7 +19,7 @@ def last_logits(model, tokens_BS: torch.Tensor, last_B: torch.Tensor, vocab_size
     from megatron.core import tensor_parallel
 
     from megamod.inference import forward_only
-    from megamod.models.moe import routing_padding_mask
+    from megamod.models.common import routing_padding_mask
 
     B, S = tokens_BS.shape
     position_ids_BS = torch.arange(S, device=tokens_BS.device).unsqueeze(0).expand(B, S)

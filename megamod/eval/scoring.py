@@ -116,11 +116,11 @@ def build_rows(tokenizer, task: str, items: list, *, circular: bool = False, tem
 def evaluate_model(loaded, tokenizer, task: str, items: list, *, batch_size: int = 8, circular: bool = False,
                    template: str = "llava_mod", instruction: str | None = None, progress: bool = False,
                    max_new_tokens: int = 128) -> dict:
-    """Metrics of a loaded LLaVA model (training.models.LoadedModel) on every rank of the initialised world."""
+    """Metrics of a loaded LLaVA model (loading.models.LoadedModel) on every rank of the initialised world."""
     from megamod.eval.runner import choose
 
-    if loaded.kind != "llava":
-        raise ValueError(f"evaluation needs a LLaVA checkpoint (images), this one is a {loaded.kind} model")
+    if not loaded.family.takes_images:
+        raise ValueError(f"evaluation needs a model that reads images, this one is a {loaded.kind} model")
     if tokenizer.token_to_id(IMAGE_TOKEN) != loaded.image_token_id:
         raise ValueError(f"tokenizer {tokenizer.path} has <image> at id {tokenizer.token_to_id(IMAGE_TOKEN)}, the "
                          f"model reads images at id {loaded.image_token_id}")
@@ -162,7 +162,7 @@ def evaluate_items(ckpt: str, task: str, items: list, *, batch_size: int = 8, ci
     """Load `ckpt` at the current parallel layout and score it on `items` (evaluate_model's result)."""
     from megamod import checkpoint
     from megamod.data.tokenizer import check_same_tokenizer, load_tokenizer
-    from megamod.training.models import load
+    from megamod.loading.models import load
 
     _check_instruction(task, instruction)
     if batch_size < 1:

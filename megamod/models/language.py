@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megamod import performance
+from megamod.models.common import common_config_kwargs, mark_tensor_parallel_weights, on_device
 
 
 @dataclass
@@ -92,27 +93,6 @@ class LanguageModelConfig:
         # A dense model ignores EP: in a distillation job a dense teacher sits beside an expert-parallel student.
 
 
-def common_config_kwargs(params_dtype, init_weights: bool) -> dict:
-    """TransformerConfig settings every megamod model shares: exact (unfused, dropout-free) math that runs on CPU
-    and GPU alike, and the parameter dtype."""
-    return dict(
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        attention_softmax_in_fp32=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=init_weights,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-    )
-
-
 def transformer_config(cfg: LanguageModelConfig, params_dtype=torch.float32, sequence_parallel: bool = False,
                        init_weights: bool = True, **overrides):
     """Megatron TransformerConfig for `cfg` on the current parallel state."""
@@ -176,15 +156,6 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
     from megamod.models.specs import decoder_block_spec, transformer_engine_usable
 
     config = transformer_config(cfg, params_dtype, sequence_parallel, init_weights)
-    if cfg.num_experts is not None:
-        # megatron-core's per-layer aux-loss log is process-global and sized by the first MoE model that writes to
-        # it; a model with another layer count would index past it. Each sparse model starts a fresh log.
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-        _clear_aux_loss_log()
-        # Likewise the aux-loss gradient scale: a MoE backward outside the pipeline schedule leaves a 0-d tensor
-        # there, which the schedule's later copy_ of its [1]-shaped scale cannot broadcast into.
-        MoEAuxLossAutoScaler.main_loss_backward_scale = None
     use_te = transformer_engine_usable() if use_te is None else use_te
     model = GPTModel(
         config=config,
@@ -207,20 +178,6 @@ def build_language_model(cfg: LanguageModelConfig, params_dtype=torch.float32, s
     return on_device(model)
 
 
-def _clear_aux_loss_log():
-    """Empty megatron-core's MoE metrics log. 0.16 keeps it in the dict get_moe_layer_wise_logging_tracker returns;
-    0.19 in a MoEMetricsTracker, of which that function returns a copy (clearing the copy would leave the old entries
-    and their values in place)."""
-    try:
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-    except ImportError:  # 0.16
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        get_moe_layer_wise_logging_tracker().clear()
-    else:
-        get_moe_metrics_tracker().metrics.clear()
-
-
 def _row_major(grad):
     """The gradient in row-major strides. contiguous() alone is not enough: with one sample, [s, 1, v] counts as
     contiguous whatever the size-1 dim's stride, and matmul's fold test reads that stride."""
@@ -237,36 +194,3 @@ def _contiguous_logit_grads(module, args, output):
     logits_SBV = output[0]
     if logits_SBV.requires_grad:
         logits_SBV.register_hook(_row_major)
-
-
-def on_device(model):
-    """The whole model on the current GPU unless megatron-core initialises on the CPU. megatron-core allocates its
-    linear weights there, but torch norms (the local spec without TransformerEngine) and the router's weight start on
-    torch's default device, the CPU; Megatron-LM's get_model moves every model with .cuda(), and so does this."""
-    if not model.config.use_cpu_initialization:
-        model.cuda(torch.cuda.current_device())
-    return model
-
-
-def mark_tensor_parallel_weights(model) -> None:
-    """Tag TP-sharded weights as megatron-core's initialisers would.
-
-    megatron-core 0.16.1 sets `tensor_model_parallel`/`partition_dim` on linear and embedding weights only inside
-    its weight initialisers, so a model built with perform_initialization=False (weights to come from a
-    checkpoint) has untagged shards: the optimizer then treats them as TP duplicates and the gradient norm used for
-    clipping misses all but TP rank 0's shards.
-    """
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
-    )
-
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-            dim = 0
-        elif isinstance(module, RowParallelLinear):
-            dim = 1
-        else:
-            continue
-        weight = getattr(module, "weight", None)
-        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from megamod.models.common import mark_tensor_parallel_weights, on_device, split_sequence_BS
 from megamod.models.language import LanguageModelConfig, build_language_model
 from megamod.models.vision import CLIPVisionTower, VisionConfig
 
@@ -42,14 +43,6 @@ def expand_image_tokens(ids: list[int], image_token_id: int, num_image_tokens: i
     return out
 
 
-def split_sequence_BS(mask_BS: torch.Tensor) -> torch.Tensor:
-    """This TP rank's sequence-parallel slice [B, S/tp] of a per-position tensor."""
-    from megatron.core import tensor_parallel
-
-    return tensor_parallel.scatter_to_sequence_parallel_region(mask_BS.transpose(0, 1).contiguous()) \
-        .transpose(0, 1).contiguous()
-
-
 def projector_config(cfg: LlavaConfig, params_dtype=torch.float32, init_weights: bool = True):
     from megamod.models.language import transformer_config
 
@@ -67,8 +60,6 @@ class LlavaModel(MegatronModule):
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.mlp import MLPSubmodules
-
-        from megamod.models.language import mark_tensor_parallel_weights
 
         language_model = build_language_model(cfg.language, params_dtype, sequence_parallel, init_weights,
                                               use_te=use_te)
@@ -165,6 +156,4 @@ def build_llava_model(cfg: LlavaConfig, params_dtype=torch.float32, init_weights
     from megamod.models.specs import transformer_engine_usable
 
     use_te = transformer_engine_usable() if use_te is None else use_te
-    from megamod.models.language import on_device
-
     return on_device(LlavaModel(cfg, params_dtype, init_weights, sequence_parallel, use_te))

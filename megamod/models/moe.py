@@ -98,18 +98,3 @@ class MegamodMoELayer(MoELayer):
             return
         self.token_dispatcher = cls(self.num_local_experts, self.local_expert_indices, config=self.config,
                                     pg_collection=pg_collection)
-
-
-def routing_padding_mask(config, padding_BS):
-    """The padding mask [B, S] (True at padding) a model's forward takes so that padding stays out of MoE routing
-    statistics: None for a dense model; this rank's sequence-parallel slice on later pipeline stages, where
-    megatron's GPTModel does not split it itself (it does on the first stage)."""
-    from megatron.core import parallel_state as ps
-
-    from megamod.models.llava import split_sequence_BS
-
-    if config.num_moe_experts is None:
-        return None
-    if config.sequence_parallel and not ps.is_pipeline_first_stage():
-        return split_sequence_BS(padding_BS)
-    return padding_BS

@@ -14,6 +14,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from megamod.data.images import CLIP_MEAN, CLIP_STD
+from megamod.models.common import common_config_kwargs, mark_tensor_parallel_weights
 
 
 @dataclass
@@ -64,8 +65,6 @@ def vision_transformer_config(cfg: VisionConfig, params_dtype=torch.float32, ini
     from megatron.core import parallel_state as ps
     from megatron.core.activations import quick_gelu
     from megatron.core.transformer import TransformerConfig
-
-    from megamod.models.language import common_config_kwargs
 
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -132,8 +131,6 @@ class CLIPVisionTower(MegatronModule):
     def __init__(self, cfg: VisionConfig, params_dtype=torch.float32, init_weights: bool = True,
                  use_te: bool = False):
         from megatron.core.transformer.transformer_block import TransformerBlock
-
-        from megamod.models.language import mark_tensor_parallel_weights
 
         config = vision_transformer_config(cfg, params_dtype, init_weights)
         super().__init__(config=config)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamod.models.language import LanguageModelConfig
-from megamod.training.flops import causal_pairs, language_flops
+from megamod.flops import causal_pairs, language_flops
 
 TRAINS = {"sft": "language", "d2d": "language", "d2s": "ffn", "preference": "ffn", "align": "none"}
 
@@ -170,7 +170,7 @@ def _stage_memory(student, lay, trains, teacher, cached_topk, stage, vision=None
 
 def step_flops(student: LanguageModelConfig, lay: Layout, teacher: LanguageModelConfig | None = None,
                trains: str = "language") -> dict:
-    """Model FLOPs of one step per rank (training/flops.py's count) of the language models on full-length rows:
+    """Model FLOPs of one step per rank (megamod/flops.py's count) of the language models on full-length rows:
     student forward + backward with `trains` trainable (and the projector, as in every stage, so input gradients
     reach the first layer), teacher forward (online only)."""
     rows = lay.mbs * lay.num_micro * lay.dp

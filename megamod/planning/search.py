@@ -13,11 +13,10 @@ def load_language_config(path: str) -> LanguageModelConfig:
     """A megamod checkpoint directory (its megamod.json; LLaVA: the language model) or a YAML/JSON file of
     LanguageModelConfig fields (examples/plan/)."""
     if os.path.isdir(path):
-        from megamod import checkpoint
+        from megamod.families.factory import read_model
 
-        meta = checkpoint.read_metadata(path)
-        model = meta["model"]["language"] if meta.get("kind") == "llava" else meta["model"]
-        return LanguageModelConfig.from_dict(model)
+        _, family, _, cfg = read_model(path)
+        return family.language(cfg)
     with open(path) as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):

@@ -131,3 +131,20 @@ class TeacherCache:
                               f"has {cached}: the cache was written with another tokenizer, template or max_length "
                               f"(it used max_length {m.get('max_length')}, data {m.get('data')}); re-write it with the "
                               f"training data settings")
+
+
+def open_cache(directory: str, tokenizer, pairs: bool):
+    """A teacher cache of the kind the stage reads (pairs or conversations), written with the run's tokenizer."""
+    from megamod.data.tokenizer import vocabulary_fingerprint
+
+    cache = TeacherCache(directory)
+    kind = "pairs" if pairs else "conversations"
+    if cache.kind != kind:
+        raise fmt.CacheError(f"teacher cache {directory} holds {cache.kind}; this stage trains on {kind}")
+    fingerprint = vocabulary_fingerprint(tokenizer)
+    written = cache.manifest.get("tokenizer") or {}  # absent in caches written before it was recorded
+    if cache.vocab_size != tokenizer.vocab_size or written.get("sha256", fingerprint) != fingerprint:
+        raise fmt.CacheError(f"teacher cache {directory} was written with tokenizer {written.get('path', '?')} "
+                         f"({cache.vocab_size} ids), the student reads tokenizer {tokenizer.path} "
+                         f"({tokenizer.vocab_size} ids): different tokenizers; re-write the cache with the student's")
+    return cache

@@ -1,7 +1,7 @@
 """Run the teacher alone over a data set and keep what the student needs (format.py has the layout).
 
 The teacher runs at its own TP/PP layout (data parallel over whatever ranks are left: shard s goes to DP rank
-s mod dp), through the training data pipeline (training/data_setup.py) and megamod's forward-only pass, so that its
+s mod dp), through the training data pipeline (loading/data.py) and megamod's forward-only pass, so that its
 inputs are exactly those the online teacher would see. Samples are split into shards of `shard_size` in file
 order; a shard is written and indexed on its own, so a killed run resumes at the first unfinished shard.
 """
@@ -103,14 +103,13 @@ def _teacher_rows(job: CacheJob, teacher, mb, vocab_size: int, dtype: torch.dtyp
     from megamod.inference import forward_only
     from megamod.losses.preference import sequence_logprobs_B
     from megamod.losses.topk_kd import teacher_topk_BSK
-    from megamod.training.objective import run_model
+    from megamod.loading.microbatch import run_model
 
-    llava = teacher.kind == "llava"
     if job.kind == "pairs":
         keep = lambda logits_BSv: sequence_logprobs_B(logits_BSv, mb.labels, mb.loss_mask, vocab_size)  # noqa: E731
     else:
         keep = lambda logits_BSv: teacher_topk_BSK(logits_BSv, vocab_size, job.topk)  # noqa: E731
-    out = forward_only(teacher.model, lambda m: run_model(m, mb, llava), keep, mb.seq_length, mb.tokens.shape[0])
+    out = forward_only(teacher.model, lambda m: run_model(m, mb, teacher.family), keep, mb.seq_length, mb.tokens.shape[0])
     if out is None:
         return None
     mask_BS = mb.loss_mask.bool()
@@ -129,20 +128,26 @@ def _teacher_rows(job: CacheJob, teacher, mb, vocab_size: int, dtype: torch.dtyp
 
 
 def write_cache(job: CacheJob) -> dict | None:
-    """Every rank calls this; returns the manifest on global rank 0, None elsewhere."""
+    """Every rank of a world initialised with the job's TP and PP (distributed.initialize, by the entry point) calls
+    this; returns the manifest on global rank 0, None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    from megamod import checkpoint, distributed
+    from megamod import checkpoint
     from megamod.data.datasets import MixedDataset
-    from megamod.training.data_setup import build_collator, build_datasets, load_model_tokenizer
-    from megamod.training.models import load_frozen_teacher
-    from megamod.training.objective import from_batch
+    from megamod.loading.data import build_collator, build_datasets, load_model_tokenizer
+    from megamod.loading.microbatch import from_batch
+    from megamod.loading.models import load_frozen_teacher
 
     if job.kind not in fmt.KINDS:
         raise ValueError(f"kind {job.kind!r} is not one of {fmt.KINDS}")
     if job.dtype not in fmt.DTYPES:
         raise ValueError(f"storage dtype {job.dtype!r} is not one of {sorted(fmt.DTYPES)}")
-    distributed.initialize(distributed.ParallelConfig(tp=job.tp, pp=job.pp))
+    layout = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) \
+        if ps.model_parallel_is_initialized() else None
+    if layout != (job.tp, job.pp):
+        raise RuntimeError(f"write_cache runs in the caller's parallel state; it is {layout or 'not initialised'}, "
+                           f"the job asks TP={job.tp} PP={job.pp}: call distributed.initialize("
+                           f"ParallelConfig(tp={job.tp}, pp={job.pp})) first")
     teacher = load_frozen_teacher(job.ckpt, checkpoint.resolve_dtype(job.model_dtype))
     tok = load_model_tokenizer(teacher, job.tokenizer, job.ckpt)
     vocab_size = tok.vocab_size  # the teacher's rows past the tokenizer are padding: never in the top-k or the tail
@@ -181,7 +186,7 @@ def write_cache(job: CacheJob) -> dict | None:
         rows = _Rows(job.kind)
         for start in range(0, len(chunk), job.batch_size):
             part = chunk[start:start + job.batch_size]
-            mb = from_batch(collator([dataset[offsets[s] + k] for s, k, _ in part]), teacher.kind == "llava")
+            mb = from_batch(collator([dataset[offsets[s] + k] for s, k, _ in part]), teacher.family.takes_images)
             out = _teacher_rows(job, teacher, mb, vocab_size, store)
             if writer:
                 for (_, _, sid), tensors in zip(part, out):

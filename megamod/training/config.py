@@ -14,6 +14,7 @@ import yaml
 
 from megamod.performance import PerformanceConfig
 from megamod.training.stages import GROUPS, get_stage
+from megamod.errors import ConfigError  # noqa: F401  (raised here, and by loading.data)
 
 
 @dataclass
@@ -130,10 +131,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")  # what checkpoint.signals may name

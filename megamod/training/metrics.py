@@ -1,6 +1,6 @@
 """Step metrics: model FLOPs, peak memory, and the rank-0 log (console line, TensorBoard, progress bar).
 
-FLOPs are training/flops.py's count: what the step computes, frozen weights without their weight gradients, causal
+FLOPs are megamod/flops.py's count: what the step computes, frozen weights without their weight gradients, causal
 attention scores, the vision towers. A distillation step counts the student's forward and backward and the online
 teacher's forward.
 """
@@ -15,16 +15,16 @@ import time
 
 import torch
 
-from megamod.training.flops import model_flops
+from megamod.flops import model_flops
 
 log = logging.getLogger(__name__)
 
 
 def step_flops(loaded, tokens: int, pairs: int, images: int, groups=None) -> float:
-    """Model FLOPs (training/flops.py's count) of `loaded` (a training.models.LoadedModel) on a step's `tokens` real
+    """Model FLOPs (megamod/flops.py's count) of `loaded` (a loading.models.LoadedModel) on a step's `tokens` real
     tokens holding `pairs` causal (query, key) pairs and `images` images: forward only when groups is None (a
     teacher), else forward and backward with those parameter groups trainable."""
-    vision = loaded.cfg.vision if loaded.kind == "llava" else None
+    vision = loaded.family.vision(loaded.cfg)
     return model_flops(loaded.language, vision, tokens, pairs, images, groups)["total"]
 
 

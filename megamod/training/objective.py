@@ -9,7 +9,6 @@ the preference reference is the cached pair of sequence log-probs.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,88 +17,15 @@ from megamod.losses.ce import cross_entropy_BS, masked_mean
 from megamod.losses.chunked import DEFAULT_CHUNK_TOKENS, chunked_losses_BS, chunked_topk_kd_loss_BS
 from megamod.losses.kd import kd_loss_BS
 from megamod.losses.preference import preference_loss, sequence_logprobs_B
+from megamod.loading.microbatch import MicroBatch, run_model
 from megamod.losses.topk_kd import topk_kd_loss_BS
-
-
-@dataclass
-class MicroBatch:
-    tokens: torch.Tensor          # int64 [B, S]
-    position_ids: torch.Tensor    # int64 [B, S]
-    labels: torch.Tensor          # int64 [B, S], -100 where not trained
-    loss_mask: torch.Tensor       # float32 [B, S]
-    images: torch.Tensor | None   # float32 [N, 3, R, R], batch-major
-    num_tokens: int               # real (unpadded) tokens, for throughput
-    num_images: int
-    padding: torch.Tensor         # bool [B, S]: True at padding (kept out of MoE routing statistics)
-    pairs: int = 0                # > 0: rows [0, pairs) chosen, [pairs, 2 pairs) rejected
-    cached: object = None         # teacher_cache.reader.CachedTeacher: the offline teacher's rows, if any
-
-    @property
-    def seq_length(self) -> int:
-        return self.tokens.shape[1]
-
-    def to(self, device) -> "MicroBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return dataclasses.replace(self, tokens=move(self.tokens), position_ids=move(self.position_ids),
-                                   labels=move(self.labels), loss_mask=move(self.loss_mask),
-                                   images=move(self.images), padding=move(self.padding),
-                                   cached=None if self.cached is None else self.cached.to(device))
-
-
-def _padding_BS(b) -> torch.Tensor:
-    return torch.arange(b.tokens.shape[1]).unsqueeze(0) >= b.lengths.unsqueeze(1)
-
-
-def from_batch(batch, llava: bool) -> MicroBatch:
-    """A collated Batch or PairBatch -> MicroBatch (pairs concatenated, images repeated for the rejected rows)."""
-    if hasattr(batch, "chosen"):
-        c, r = batch.chosen, batch.rejected
-        cat = lambda a, b: torch.cat([a, b])  # noqa: E731
-        images = torch.cat([c.images, c.images]) if c.images.shape[0] else None
-        return MicroBatch(cat(c.tokens, r.tokens), cat(c.position_ids, r.position_ids), cat(c.labels, r.labels),
-                          cat(c.loss_mask, r.loss_mask), images if llava else None,
-                          int(c.lengths.sum() + r.lengths.sum()), 0 if images is None else images.shape[0],
-                          cat(_padding_BS(c), _padding_BS(r)), pairs=c.tokens.shape[0])
-    images = batch.images if batch.images.shape[0] else None
-    if images is not None and not llava:
-        raise ValueError(f"a language-only model got images (samples {batch.locations[:3]})")
-    return MicroBatch(batch.tokens, batch.position_ids, batch.labels, batch.loss_mask, images,
-                      int(batch.lengths.sum()), 0 if images is None else images.shape[0], _padding_BS(batch))
-
-
-def pad_to(mb: MicroBatch, length: int, pad_id: int) -> MicroBatch:
-    """Right-pad to `length` (pipeline stages exchange one activation shape per step)."""
-    extra = length - mb.seq_length
-    if extra <= 0:
-        return mb
-    B = mb.tokens.shape[0]
-
-    def pad(t, value):
-        return torch.cat([t, t.new_full((B, extra), value)], dim=1)
-
-    positions = torch.arange(length).expand(B, length).contiguous()
-    return dataclasses.replace(mb, tokens=pad(mb.tokens, pad_id), position_ids=positions, labels=pad(mb.labels, -100),
-                               loss_mask=pad(mb.loss_mask, 0.0), padding=pad(mb.padding, True),
-                               cached=None if mb.cached is None else mb.cached.pad_to(length))
-
-
-def run_model(model, mb: MicroBatch, llava: bool, image_features=None):
-    """Sparse models also get the padding mask, so that padding does not count in the load-balancing loss.
-    `image_features`: the vision tower's output for `mb.images` (a tower shared by teacher and student)."""
-    from megamod.models.moe import routing_padding_mask
-
-    padding_BS = routing_padding_mask(model.config, mb.padding)
-    if llava:
-        extra = {} if image_features is None else {"image_features": image_features}
-        return model(mb.tokens, mb.position_ids, mb.images, padding_mask=padding_BS, **extra)
-    return model(mb.tokens, mb.position_ids, None, padding_mask=padding_BS)
 
 
 @dataclass
 class Objective:
     """The losses of a stage. `weights`: loss name -> weight (ce, kd, preference). `vocab_size`: the tokenizer's ids;
     logit columns past it (padding rows) never reach a loss. Teacher and student logits come at one padded width
-    (training.models builds the pair so), so that each TP rank holds the same ids of both.
+    (loading.models builds the pair so), so that each TP rank holds the same ids of both.
 
     `chunk_tokens` > 0 (the default): the losses run over that many tokens at a time (losses/chunked.py: one pass over
     the student's logits for KD and the label log-probs of CE and the preference loss, one gradient buffer, no fp32
@@ -107,7 +33,7 @@ class Objective:
 
     weights: dict
     vocab_size: int
-    llava: bool
+    family: object  # the models' ModelFamily (student and teacher are of one family)
     kd_mode: str = "forward"
     temperature: float = 1.0
     preference: str = "dpo"
@@ -205,11 +131,11 @@ class Objective:
             if shared_tower is not None and mb.images is not None:
                 with torch.no_grad():
                     features = shared_tower(mb.images)
-            student_out = run_model(student, mb, self.llava, features)
+            student_out = run_model(student, mb, self.family, features)
             teacher_out = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_out = run_model(teacher, mb, self.llava, features)
+                    teacher_out = run_model(teacher, mb, self.family, features)
             if not last and pair is not None:
                 return pair.join(student_out, teacher_out), None
 

@@ -24,13 +24,16 @@ from megamod import distributed, performance
 from megamod.distributed import collective_device
 from megamod.training import checkpoint as train_checkpoint
 from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
-from megamod.training.flops import vision_flops
+from megamod.flops import vision_flops
 from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
-from megamod.training.data_setup import check_tokenizer_fits, load_run_tokenizer
-from megamod.training.models import (DistillPair, load, load_teacher, open_cache, shared_vision_tower, unwrap,
-                                     vocab_rows)
+from megamod.loading.data import check_tokenizer_fits, load_run_tokenizer
+from megamod.loading.microbatch import from_batch, pad_to
+from megamod.loading.models import load, load_teacher, vocab_rows
+from megamod.models.moe_log import start_aux_loss_log
+from megamod.teacher_cache.reader import open_cache
+from megamod.training.models import DistillPair, shared_vision_tower, unwrap
 from megamod.training.checkpoint_writers import BackgroundWriter, bound_writers
-from megamod.training.objective import Objective, from_batch, pad_to
+from megamod.training.objective import Objective
 from megamod.training.preemption import Preempted, StopOnSignal
 from megamod.training.stages import apply_trainable, get_stage
 from megamod.training.step import build_optimizer, train_step, wrap_ddp
@@ -49,6 +52,7 @@ class Trainer:
         distributed.initialize(distributed.ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp), seed=cfg.seed,
                                timeout_s=p.timeout_s)
         self.rank, self.dtype = torch.distributed.get_rank(), model_checkpoint.resolve_dtype(cfg.dtype)
+        start_aux_loss_log()  # megatron-core's MoE log and aux-loss scale are process-wide: this run's from here
         performance.configure(cfg.performance)  # before any model is built
         performance.resolve(self.dtype)  # an option forced on where it cannot run raises, naming it
         if self.rank == 0:
@@ -85,7 +89,7 @@ class Trainer:
         # One CLIP forward per micro-batch for both models when their towers are the same (checked by content):
         # shared_tower is the teacher's on the first pipeline stage, None elsewhere.
         self.shared_vision, self.shared_tower = False, None
-        if self.teacher is not None and self.student.kind == "llava":
+        if self.teacher is not None and self.student.family.vision(self.student.cfg) is not None:
             self.shared_vision, self.shared_tower, why = shared_vision_tower(self.ddp, self.teacher.model)
             if self.rank == 0:
                 log.info("vision tower: %s (%s)", "shared, one forward per micro-batch for teacher and student"
@@ -97,7 +101,7 @@ class Trainer:
                                          adam_betas=(o.adam_beta1, o.adam_beta2), min_lr=o.min_lr,
                                          initial_loss_scale=o.initial_loss_scale)
         self._build_data()
-        self.objective = Objective(loss_weights(cfg), self.tokenizer.vocab_size, self.student.kind == "llava",
+        self.objective = Objective(loss_weights(cfg), self.tokenizer.vocab_size, self.student.family,
                                    cfg.loss.kd, cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta,
                                    chunk_tokens=cfg.loss.chunk_tokens)
         self._check_losses()
@@ -131,7 +135,7 @@ class Trainer:
     def _build_data(self) -> None:
         from megamod.data.datasets import MixedDataset
         from megamod.data.sampler import MixtureSampler, StatefulLoader
-        from megamod.training.data_setup import build_collator, build_datasets
+        from megamod.loading.data import build_collator, build_datasets
 
         cfg, d = self.cfg, self.cfg.data
         tok = self.tokenizer
@@ -185,11 +189,11 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _micro_batches(self, batches) -> list:
-        llava = self.student.kind == "llava"
+        takes_images = self.student.family.takes_images
         mbs = []
         for _ in range(self.num_micro):
             batch = next(batches)
-            mb = from_batch(batch, llava)
+            mb = from_batch(batch, takes_images)
             if self.teacher_cache is not None:
                 rows = batch.chosen if hasattr(batch, "chosen") else batch
                 mb = dataclasses.replace(mb, cached=self.teacher_cache.for_micro_batch(rows.sample_ids,

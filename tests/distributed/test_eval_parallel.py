@@ -18,6 +18,7 @@ def _single(ckpt, task, data):
     from megamod import distributed
     from megamod.eval.scoring import evaluate
 
+    distributed.initialize(distributed.ParallelConfig())
     result = evaluate(ckpt, task, data, limit=LIMIT, batch_size=3, max_new_tokens=8, dtype="float32")
     distributed.shutdown()
     return result

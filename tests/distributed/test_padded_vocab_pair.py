@@ -31,6 +31,7 @@ def _conversations(n: int) -> list:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
+    from megamod import distributed
     from megamod.convert.checkpoint import TOKENIZER_FILES, hf_to_megamod
     from megamod.data.synthetic_writer import train_tokenizer
     from megamod.data.templates import VICUNA_SYSTEM
@@ -49,6 +50,7 @@ def pair(tmp_path_factory):
     hf = {"teacher": dict(hidden_size=96, intermediate_size=128),
           "student": dict(hidden_size=64, intermediate_size=96, tie_word_embeddings=True)}  # Qwen2-0.5B ties
     p = {"T": T, "data": str(tmp / "text.json"), "tmp": tmp}
+    distributed.initialize(distributed.ParallelConfig())  # conversion runs in the caller's world (TP = PP = 1)
     for seed, (name, overrides) in enumerate(hf.items(), start=1):
         model = tiny_qwen2(tmp / f"hf-{name}", seed=seed, vocab_size=T + PAD[name], num_hidden_layers=2,
                            max_position_embeddings=256, **overrides)
@@ -112,8 +114,10 @@ def test_pair_distils_at_tp1_and_tp2_with_the_tokenizers_kd(pair, tmp_path):
     # the trained student, stored at the pair's width, exports at its own rows; its padding rows got no gradient
     from transformers import Qwen2ForCausalLM
 
+    from megamod import distributed
     from megamod.convert.checkpoint import megamod_to_hf
 
+    distributed.initialize(distributed.ParallelConfig())
     megamod_to_hf(str(tmp_path / "tp1" / "model"), str(tmp_path / "hf-out"))
     before, after = (Qwen2ForCausalLM.from_pretrained(d).model.embed_tokens.weight
                      for d in (p["hf-student"], tmp_path / "hf-out"))

@@ -117,7 +117,7 @@ def runs(tmp_path_factory):
     checkpoint.save_model(moe_model, str(tmp / "mg-moe"),
                           {"format": "megamod", "kind": "language", "model": moe_cfg.to_dict(), "dtype": "float32"})
     ckpts["moe"] = str(tmp / "mg-moe")
-    from megamod.commands.upcycle import upcycle
+    from megamod.convert.upcycle import upcycle
 
     upcycle(ckpts["dense"], str(tmp / "mg-upcycled"), num_experts=4, topk=2)
     for nproc, layouts in MOE_LOGIT_LAYOUTS.items():

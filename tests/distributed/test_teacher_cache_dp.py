@@ -16,9 +16,11 @@ TOPK, BATCHES, STEPS = 16, 3, 2
 
 
 def _write(p, out):
+    from megamod import distributed
     from megamod.teacher_cache.writer import CacheJob, write_cache
     from megamod.training.config import DataSource
 
+    distributed.initialize(distributed.ParallelConfig())
     write_cache(CacheJob(ckpt=p["teacher"], data=[DataSource(os.path.join(p["data"], "conversations.json"))],
                          out=out, topk=TOPK, dtype="float32", shard_size=7, batch_size=4, max_length=256,
                          progress=False))
@@ -33,9 +35,10 @@ def _online_rows(p, sample_ids):
     """sample id -> (answer labels, teacher log-probs [n, V]) from the teacher run on that sample alone."""
     from megamod.data.datasets import MixedDataset
     from megamod.training.config import DataSource
-    from megamod.training.data_setup import build_collator, build_datasets, load_model_tokenizer
-    from megamod.training.models import load_frozen_teacher
-    from megamod.training.objective import from_batch, run_model
+    from megamod.loading.data import build_collator, build_datasets, load_model_tokenizer
+    from megamod.loading.models import load_frozen_teacher
+    from megamod.families.llava import LLAVA
+    from megamod.loading.microbatch import from_batch, run_model
 
     teacher = load_frozen_teacher(p["teacher"], torch.float32)
     tok = load_model_tokenizer(teacher, None, p["teacher"])
@@ -47,7 +50,7 @@ def _online_rows(p, sample_ids):
     for sid in sample_ids:
         mb = from_batch(collator([ds[where[sid]]]), True)
         with torch.no_grad():
-            logits_BSV = run_model(teacher.model, mb, True)
+            logits_BSV = run_model(teacher.model, mb, LLAVA)
         m = mb.loss_mask[0].bool()
         out[sid] = (mb.labels[0][m], torch.log_softmax(logits_BSV[0][m][:, :teacher.language.vocab_size].double(), -1))
     return out

@@ -115,11 +115,13 @@ def run_trainer(job):
 
 
 def run_eval(job):
+    from megamod import distributed
     from megamod.eval.runner import is_writer
     from megamod.eval.scoring import evaluate
 
+    distributed.initialize(distributed.ParallelConfig(**job["layout"]))
     result = evaluate(job["ckpt"], job["task"], job["data"], limit=job["limit"], batch_size=3,
-                      max_new_tokens=job.get("max_new_tokens", 8), dtype="float32", **job["layout"])
+                      max_new_tokens=job.get("max_new_tokens", 8), dtype="float32")
     if is_writer():
         with open(job["out"], "w") as f:
             json.dump(result, f)

@@ -68,14 +68,14 @@ def test_moe_layer_bf16_matches_fp32(world1):
 
 def test_sparse_llava_student_bf16_matches_fp32(world1):
     from megamod.losses.ce import cross_entropy_BS, masked_mean
-    from megamod.models.factory import build_model
+    from megamod.families.factory import build_model
     from tests.training_setup import STUDENT_LM, llava_config
 
     vocab, image_id = 251, 250
     cfg = llava_config(vocab, image_id, **STUDENT_LM, num_experts=4, moe_router_topk=2, moe_layer_pattern=[1, 0, 1, 0])
 
     def build(dtype):
-        return build_model(cfg, "llava", dtype, init_weights=dtype == torch.float32)
+        return build_model(cfg, dtype, init_weights=dtype == torch.float32)
 
     torch.manual_seed(0)
     fp32 = build(torch.float32)

@@ -13,9 +13,11 @@ COMMON = ["--max-length", "256", "--batch-size", "3", "--shard-size", "10", "--n
 
 
 def _direct(p, data, out, **settings):
+    from megamod import distributed
     from megamod.teacher_cache.writer import CacheJob, write_cache
     from megamod.training.config import DataSource
 
+    distributed.initialize(distributed.ParallelConfig())
     return write_cache(CacheJob(ckpt=p["teacher"], data=[DataSource(data)], out=out, max_length=256, batch_size=3,
                                 shard_size=10, progress=False, **settings))
 

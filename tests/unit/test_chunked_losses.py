@@ -162,7 +162,7 @@ def test_errors(world1):
 # --- the Objective ---
 
 def _micro_batch(pairs=0, cached=None):
-    from megamod.training.objective import MicroBatch
+    from megamod.loading.microbatch import MicroBatch
 
     _, _, labels, _, w = _inputs(5)
     mask = (w > 0).float()
@@ -181,6 +181,7 @@ def _cached(teacher):
 @pytest.mark.parametrize("case", ["d2s", "preference", "cached", "reverse_t2"])
 def test_objective_runs_chunked_path_by_default(world1, monkeypatch, case):
     from megamod.training import objective as objective_module
+    from megamod.families.language import LANGUAGE
     from megamod.training.objective import Objective
 
     student, teacher, _, _, _ = _inputs(6)
@@ -189,7 +190,7 @@ def test_objective_runs_chunked_path_by_default(world1, monkeypatch, case):
     mb = _micro_batch(pairs=1 if case == "preference" else 0, cached=_cached(teacher) if case == "cached" else None)
 
     x_ref = student.clone().requires_grad_()
-    total_ref, report_ref = Objective(weights, V, llava=False, chunk_tokens=0, **kw).loss(x_ref, teacher, mb)
+    total_ref, report_ref = Objective(weights, V, family=LANGUAGE, chunk_tokens=0, **kw).loss(x_ref, teacher, mb)
     total_ref.backward()
 
     calls = {"chunked": 0}
@@ -205,7 +206,7 @@ def test_objective_runs_chunked_path_by_default(world1, monkeypatch, case):
     monkeypatch.setattr(objective_module, "chunked_losses_BS", spy)
     for name in ("kd_loss_BS", "cross_entropy_BS", "sequence_logprobs_B", "topk_kd_loss_BS"):
         monkeypatch.setattr(objective_module, name, forbidden)
-    objective = Objective(weights, V, llava=False, **kw)
+    objective = Objective(weights, V, family=LANGUAGE, **kw)
     assert objective.chunk_tokens > 0
     x = student.clone().requires_grad_()
     total, report = objective.loss(x, teacher, mb)

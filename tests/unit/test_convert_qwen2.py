@@ -136,7 +136,7 @@ def test_command_line_tools(tmp_path):
 
 
 def test_config_reads_both_rope_layouts_and_refuses_unsupported():
-    from megamod.convert.qwen2 import config_from_hf
+    from megamod.families.qwen2_hf import config_from_hf
 
     base = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=896,
                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864)

@@ -179,14 +179,21 @@ def test_unreadable_image_is_reported_once_here(synth, tmp_path, capsys):
 
 
 class _TextModel:
-    kind = "lm"  # data_setup: default image processor, one position per <image>
+    """A language model as loading.data sees it: the default image processor, one position per <image>."""
+    cfg = None
+
+    @property
+    def family(self):
+        from megamod.families.language import LANGUAGE
+
+        return LANGUAGE
 
 
 def test_prefix_sources_mix_with_json_and_refuse_another_run(synth, tmp_path):
     from megamod.data.datasets import MixedDataset
     from megamod.data.sampler import MixtureSampler
     from megamod.training.config import ConfigError, DataSource, load_config
-    from megamod.training.data_setup import build_datasets
+    from megamod.loading.data import build_datasets
     from tests.helpers import swap_token_ids
 
     prefix = str(tmp_path / "conv")

@@ -124,7 +124,7 @@ def test_benchmark_runs_tiny(tmp_path, capsys):
 
 
 def test_the_trainer_passes_check_images_on(engine_setup, tmp_path, monkeypatch):
-    from megamod.training import data_setup
+    from megamod.loading import data as data_setup
     from megamod.training.config import load_config
     from megamod.training.trainer import Trainer
     from tests.training_setup import base_recipe

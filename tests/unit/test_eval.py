@@ -95,7 +95,7 @@ def test_yes_no_choice_equals_an_independent_forward(engine_setup, world1):
     from megamod.eval.runner import last_logits
     from megamod.inference import forward_logits
     from megamod.models.llava import expand_image_tokens
-    from megamod.training.models import load
+    from megamod.loading.models import load
 
     p, tok = engine_setup, _tok(engine_setup)
     items = formats.read_pope(os.path.join(p["data"], "eval", "pope_adversarial.jsonl"), limit=6)

@@ -55,7 +55,7 @@ def test_kv_cache_generation_equals_recomputing_every_step(engine_setup, world1,
     from megamod import checkpoint
     from megamod.data.tokenizer import load_tokenizer
     from megamod.eval.generate import greedy_generate
-    from megamod.training.models import load
+    from megamod.loading.models import load
 
     loaded = load(engine_setup[name], checkpoint.resolve_dtype("float32"))
     tok = load_tokenizer(os.path.join(engine_setup[name], "tokenizer"))

@@ -1,11 +1,11 @@
-"""training/flops.py against counts made by hand on a tiny model: trainable weights 6N, frozen weights behind a
+"""megamod/flops.py against counts made by hand on a tiny model: trainable weights 6N, frozen weights behind a
 trainable part 4N, frozen weights with nothing trainable before them 2N, top-k experts, causal attention pairs,
 the vision tower and projector."""
 import pytest
 
 from megamod.models.language import LanguageModelConfig
 from megamod.models.vision import VisionConfig
-from megamod.training.flops import causal_pairs, language_flops, model_flops, vision_flops
+from megamod.flops import causal_pairs, language_flops, model_flops, vision_flops
 
 # h=8, 2 heads of 4 (q width 8), 1 key/value group (k, v width 4), F=16, layer 0 dense, layer 1 MoE (4 experts,
 # top-2), vocabulary 100 padded to 128. Weights a token goes through: q 64, k 32, v 32, o 64; dense gate+up 256,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megamod import checkpoint
-from megamod.convert import llava as convert_llava
+from megamod.families import llava_hf as convert_llava
 from megamod.convert.checkpoint import hf_to_megamod, megamod_to_hf
 from megamod.convert.hf_io import HFReader
 from megamod.models.llava import build_llava_model, expand_image_tokens

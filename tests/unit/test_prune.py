@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from megamod import checkpoint
-from megamod.commands.prune import prune
-from megamod.commands.upcycle import upcycle
+from megamod.convert.prune import prune
+from megamod.convert.upcycle import upcycle
 from megamod.convert.checkpoint import hf_to_megamod
 from megamod.inference import forward_logits
 from megamod.models.language import LanguageModelConfig, build_language_model
@@ -101,7 +101,7 @@ def test_pruned_llava_matches_transformers(world1, tmp_path):
 def test_prune_refuses_other_kinds(world1, tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "megamod.json").write_text('{"format": "megamod", "kind": "vision", "dtype": "float32"}')
-    with pytest.raises(ValueError, match="kind 'vision' cannot be pruned"):
+    with pytest.raises(ValueError, match=r"ck: model kind 'vision' is not one megamod knows \(language, llava\)"):
         prune(str(tmp_path / "ck"), str(tmp_path / "out"), "0")
 
 

@@ -124,7 +124,7 @@ def test_other_towers_and_a_trainable_tower_are_not_shared(engine_setup, student
 
 
 def test_image_features_replace_the_tower_in_the_model(engine_setup):
-    from megamod.training.models import load
+    from megamod.loading.models import load
 
     p = engine_setup
     model = load(p["teacher"], torch.float32).model

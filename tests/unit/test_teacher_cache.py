@@ -13,6 +13,7 @@ MAX_LENGTH = 256  # base_recipe's data.max_length: the cache must be written wit
 
 
 def write(p, out, kind="conversations", topk=64, dtype="float32", shard_size=10, batch_size=3, **extra):
+    from megamod import distributed
     from megamod.teacher_cache.writer import CacheJob, write_cache
     from megamod.training.config import DataSource
 
@@ -20,6 +21,7 @@ def write(p, out, kind="conversations", topk=64, dtype="float32", shard_size=10,
     job = CacheJob(ckpt=p["teacher"], data=[DataSource(os.path.join(p["data"], name))], out=out, kind=kind,
                    topk=topk, dtype=dtype, shard_size=shard_size, batch_size=batch_size, max_length=MAX_LENGTH,
                    progress=False, **extra)
+    distributed.initialize(distributed.ParallelConfig(tp=job.tp, pp=job.pp))
     return write_cache(job)
 
 
@@ -91,8 +93,9 @@ def test_top64_bf16_cache_gap_is_bounded_by_the_tail(engine_setup, caches, tmp_p
     from megamod.losses.kd import kd_loss_BS
     from megamod.losses.topk_kd import topk_kd_loss_BS
     from megamod.training.config import load_config
-    from megamod.training.models import load_teacher
-    from megamod.training.objective import run_model
+    from megamod.loading.models import load_teacher
+    from megamod.families.llava import LLAVA
+    from megamod.loading.microbatch import run_model
     from megamod.training.trainer import Trainer
 
     p = engine_setup
@@ -103,7 +106,7 @@ def test_top64_bf16_cache_gap_is_bounded_by_the_tail(engine_setup, caches, tmp_p
     gaps, tails, online, bounds = [], [], [], []
     for mb in trainer._micro_batches(iter(trainer.loader)):
         with torch.no_grad():
-            s_BSv, t_BSv = run_model(trainer.ddp, mb, True), run_model(teacher.model, mb, True)
+            s_BSv, t_BSv = run_model(trainer.ddp, mb, LLAVA), run_model(teacher.model, mb, LLAVA)
             c = mb.cached
             m = mb.loss_mask.bool()
             full_N = kd_loss_BS(s_BSv, t_BSv, V)[m].double()
@@ -138,14 +141,15 @@ def test_cached_dpo_equals_online_dpo(engine_setup, caches, tmp_path):
             assert abs(g[k] - r[k]) <= 1e-6 * max(1.0, abs(r[k])), (g["step"], k, g[k], r[k])
 
     # Bitwise: one micro-batch, the online reference from the teacher vs the cache's row for the same samples.
-    from megamod.training.models import load_teacher
-    from megamod.training.objective import run_model
+    from megamod.loading.models import load_teacher
+    from megamod.families.llava import LLAVA
+    from megamod.loading.microbatch import run_model
 
     teacher = load_teacher(p["teacher"], trainer.student, torch.float32, False)
     mb = trainer._micro_batches(iter(trainer.loader))[0]
     with torch.no_grad():
-        student_BSv = run_model(trainer.ddp, mb, True)
-        teacher_BSv = run_model(teacher.model, mb, True)
+        student_BSv = run_model(trainer.ddp, mb, LLAVA)
+        teacher_BSv = run_model(teacher.model, mb, LLAVA)
     loss_online, _ = trainer.objective.loss(student_BSv, teacher_BSv, mb.__class__(**{**mb.__dict__, "cached": None}))
     loss_cached, _ = trainer.objective.loss(student_BSv, None, mb)
     print(f"\nDPO one micro-batch: online {loss_online.item():.9f} cached {loss_cached.item():.9f}")
@@ -187,6 +191,7 @@ def test_damaged_or_incomplete_cache_is_an_error(engine_setup, caches, tmp_path)
 def test_cache_of_other_answers_names_the_sample(engine_setup, tmp_path):
     """A cache written from data whose answer differs for one sample (another version of the file, another
     tokenizer or template): training stops at that sample, naming it, instead of misaligning rows."""
+    from megamod import distributed
     from megamod.teacher_cache.format import CacheError
     from megamod.teacher_cache.writer import CacheJob, write_cache
     from megamod.training.config import DataSource
@@ -197,6 +202,7 @@ def test_cache_of_other_answers_names_the_sample(engine_setup, tmp_path):
     edited = str(tmp_path / "conversations.json")
     json.dump(records, open(edited, "w"))
     out = str(tmp_path / "other")
+    distributed.initialize(distributed.ParallelConfig())
     write_cache(CacheJob(ckpt=p["teacher"], data=[DataSource(edited, image_folder=p["data"])], out=out, topk=8,
                          max_length=MAX_LENGTH, progress=False))
     cfg = base_recipe(p["root"], "d2d", p["student"], str(tmp_path / "x"), teacher={"cache": out},

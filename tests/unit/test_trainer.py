@@ -88,14 +88,14 @@ def test_untrained_or_mismatched_teachers_are_refused(engine_setup, tmp_path):
 
     from megamod import checkpoint
     from megamod.data.tokenizer import TokenizerError, load_tokenizer
-    from megamod.models.factory import init_checkpoint
+    from megamod.families.factory import init_checkpoint
     from tests.helpers import swap_token_ids
     from tests.training_setup import TEACHER_LM, llava_config
 
     tok_dir = os.path.join(p["data"], "tokenizer")
     tok, other_tok = load_tokenizer(tok_dir), swap_token_ids(tok_dir, str(tmp_path / "other_tok"))
     other = str(tmp_path / "other_teacher")
-    init_checkpoint(llava_config(tok.vocab_size + 7, tok.image_id, **TEACHER_LM), "llava", other,
+    init_checkpoint(llava_config(tok.vocab_size + 7, tok.image_id, **TEACHER_LM), other,
                     tokenizer_dir=other_tok)
     meta = checkpoint.read_metadata(other)
     with open(os.path.join(other, checkpoint.METADATA), "w") as f:
@@ -106,7 +106,7 @@ def test_untrained_or_mismatched_teachers_are_refused(engine_setup, tmp_path):
 
 
 def test_all_zero_teacher_weights_are_an_error():
-    from megamod.training.models import check_weights_loaded
+    from megamod.loading.models import check_weights_loaded
 
     layer = torch.nn.Linear(4, 4)
     check_weights_loaded(layer, "ok")

@@ -105,17 +105,17 @@ def profile_to_file(fns: dict, device: torch.device, path: str, rows: int = 40) 
 
 @contextlib.contextmanager
 def moe_aux_loss_scale(device: torch.device):
-    """megatron-core keeps the MoE aux-loss gradient scale in one process-wide tensor: a backward outside its
-    pipeline schedule creates it with shape [], which the schedule's later copy_ of a [1] scale cannot fill. Give it
-    the schedule's shape for the benchmark, and leave it as found (tests run the benchmarks in their process)."""
+    """megatron-core keeps the MoE aux-loss log and gradient scale process-wide (megamod/models/moe_log.py): the
+    benchmark gets its own (a backward outside the pipeline schedule would otherwise create the scale with shape
+    [], which the schedule's later copy_ of a [1] scale cannot fill), and leaves the caller's as found (tests run
+    the benchmarks in their process)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    before = MoEAuxLossAutoScaler.main_loss_backward_scale
-    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=device)
-    try:
+    from megamod.models.moe_log import own_aux_loss_log
+
+    with own_aux_loss_log():
+        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=device)
         yield
-    finally:
-        MoEAuxLossAutoScaler.main_loss_backward_scale = before
 
 
 def parse_sized_args(description: str, sizes: tuple, defaults: dict, argv=None):

@@ -34,8 +34,9 @@ def _teacher_forward(p: dict, trainer, steps: int, warmup: int) -> float:
     """Median time of the teacher's forward over one step's micro-batches (what the online step adds)."""
     import torch
 
-    from megamod.training.models import load_teacher
-    from megamod.training.objective import run_model
+    from megamod.loading.models import load_teacher
+    from megamod.families.llava import LLAVA
+    from megamod.loading.microbatch import run_model
 
     teacher = load_teacher(p["teacher"], trainer.student, torch.float32, False)
     batches = iter(trainer.loader)
@@ -45,7 +46,7 @@ def _teacher_forward(p: dict, trainer, steps: int, warmup: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
             for mb in mbs:
-                run_model(teacher.model, mb, True)
+                run_model(teacher.model, mb, LLAVA)
         times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])
 
@@ -59,12 +60,14 @@ def main(argv=None) -> int:
     a.add_argument("--out", default=None, help="write the results as JSON")
     args = a.parse_args(argv)
 
+    from megamod import distributed
     from megamod.teacher_cache.writer import CacheJob, write_cache
     from megamod.training.config import DataSource
     from tests.training_setup import base_recipe, build
 
     p = build(args.root)
     cache = os.path.join(args.root, f"cache-top{args.topk}")
+    distributed.initialize(distributed.ParallelConfig())
     write_cache(CacheJob(ckpt=p["teacher"], data=[DataSource(os.path.join(p["data"], "conversations.json"))],
                          out=cache, topk=args.topk, max_length=256, progress=False))
     runs = os.path.join(args.root, f"runs-{os.getpid()}")

@@ -5,7 +5,7 @@ LLaVA JSON list of N samples (~2.6 KB each, as LLaVA-665K's), on the JSON path a
         [--preprocessed] [--baseline-rev REV]
 
 Each variant runs in a fresh subprocess (one rank): after the imports and the tokenizer, it builds the data sets as
-the trainer's `_build_data` does (training/data_setup.build_datasets, a stand-in LLaVA model with 576 image tokens,
+the trainer's `_build_data` does (loading/data.build_datasets, a stand-in LLaVA model with 576 image tokens,
 then MixtureSampler + StatefulLoader + Collator) and reads the first batch. Reported: seconds to the first batch,
 peak RSS above the process's RSS before building (VmHWM, reset before building where the kernel allows) and steady
 RSS above it after the first batch. Variants:
@@ -84,15 +84,15 @@ def tokenizer_dir(root: str) -> str:
 
 
 def stand_in_model():
-    """What data_setup reads of a LLaVA model (image size 336, 576 image tokens)."""
+    """What loading.data reads of a LLaVA model (image size 336, 576 image tokens)."""
     from types import SimpleNamespace
 
     from megamod.data.images import ImageProcessor
-    from megamod.data.tokenizer import IMAGE_TOKEN  # noqa: F401
+    from megamod.families.llava import LLAVA
 
     p = ImageProcessor()
     vision = SimpleNamespace(image_size=336, image_mean=p.mean, image_std=p.std, num_image_tokens=576)
-    return SimpleNamespace(kind="llava", cfg=SimpleNamespace(vision=vision), image_token_id=None)
+    return SimpleNamespace(family=LLAVA, cfg=SimpleNamespace(vision=vision), image_token_id=None)
 
 
 def child(args) -> dict:
@@ -101,7 +101,7 @@ def child(args) -> dict:
 
     from megamod.data.sampler import MixtureSampler, StatefulLoader
     from megamod.data.tokenizer import load_tokenizer
-    from megamod.training import data_setup
+    from megamod.loading import data as data_setup
     from megamod.training.config import DataSource
 
     tok = load_tokenizer(args.tokenizer)

@@ -10,7 +10,7 @@ student step plus a teacher forward; above 1: what the KD loss and holding both 
 `training.step.train_step` with `training.objective.Objective`), on synthetic micro-batches (one image per sample
 at the start, random tokens), so no checkpoint or data set is needed; both models start from random weights.
 
-FLOPs are megamod.training.flops' count of what each part computes: the student's trainable weights (d2s: adapter,
+FLOPs are megamod.flops' count of what each part computes: the student's trainable weights (d2s: adapter,
 FFNs, routers) 6N, its frozen ones behind them (attention, output layer) 4N, its frozen CLIP tower 2N, the teacher
 2N, top-k of E experts per MoE layer, causal attention scores, the towers' attention. MFU is taken against the bf16
 GEMM rate measured on the device at start (--peak-tflops to give another), printed beside the data-sheet peak.
@@ -75,8 +75,8 @@ def llava_configs(p: dict, experts: int, topk: int):
 
 
 def step_flops(cfg, p: dict, groups) -> dict:
-    """training.flops' breakdown of one step on full-length rows (groups None: forward only)."""
-    from megamod.training.flops import causal_pairs, model_flops
+    """megamod.flops' breakdown of one step on full-length rows (groups None: forward only)."""
+    from megamod.flops import causal_pairs, model_flops
 
     rows = p["micro"] * p["mbs"]
     return model_flops(cfg.language, cfg.vision, rows * p["seq"], rows * causal_pairs(p["seq"]), rows, groups)
@@ -84,7 +84,7 @@ def step_flops(cfg, p: dict, groups) -> dict:
 
 def micro_batches(cfg, p: dict, device):
     """Synthetic full-length samples: one image at the start of each, random text after it."""
-    from megamod.training.objective import MicroBatch
+    from megamod.loading.microbatch import MicroBatch
 
     gen = torch.Generator().manual_seed(0)
     B, S, n_img = p["mbs"], p["seq"], cfg.vision.num_image_tokens
@@ -104,25 +104,27 @@ def micro_batches(cfg, p: dict, device):
 
 
 def run(p: dict, a, device):
-    from megamod.models.factory import build_model
-    from megamod.training.objective import Objective, run_model
+    from megamod.families.factory import build_model
+    from megamod.families.llava import LLAVA
+    from megamod.loading.microbatch import run_model
+    from megamod.training.objective import Objective
     from megamod.training.stages import apply_trainable, get_stage
     from megamod.training.step import build_optimizer, train_step, wrap_ddp
 
     dtype = getattr(torch, p["dtype"])
     student_cfg, teacher_cfg = llava_configs(p, a.experts, a.topk)
     stage = get_stage("d2s")
-    student = build_model(student_cfg, "llava", dtype, init_weights=True).to(device)
+    student = build_model(student_cfg, dtype, init_weights=True).to(device)
     apply_trainable(student, stage.trainable)
-    teacher = build_model(teacher_cfg, "llava", dtype, init_weights=True).to(device).requires_grad_(False).eval()
+    teacher = build_model(teacher_cfg, dtype, init_weights=True).to(device).requires_grad_(False).eval()
     student_flops, teacher_flops = step_flops(student_cfg, p, stage.trainable), step_flops(teacher_cfg, p, None)
     ddp = wrap_ddp(student)
     optimizer = build_optimizer([ddp], lr=1e-5)
     ddp.train()
     mbs = micro_batches(student_cfg, p, device)
     vocab = student_cfg.language.vocab_size
-    kd = Objective(dict(stage.losses), vocab, llava=True)
-    ce = Objective({"ce": 1.0}, vocab, llava=True)
+    kd = Objective(dict(stage.losses), vocab, family=LLAVA)
+    ce = Objective({"ce": 1.0}, vocab, family=LLAVA)
     losses = {}
 
     def step(name, objective, with_teacher):
@@ -133,7 +135,7 @@ def run(p: dict, a, device):
     def teacher_forward():
         with torch.no_grad():
             for mb in mbs:
-                run_model(teacher, mb, llava=True)
+                run_model(teacher, mb, LLAVA)
 
     fns = {"kd": lambda: step("kd", kd, True), "student": lambda: step("student", ce, False),
            "teacher": teacher_forward}

@@ -91,7 +91,8 @@ def malloc_trim() -> None:
 
 def run(a) -> dict:
     from megamod import cpu_compat
-    from megamod.models.factory import build_model
+    from megamod.families.factory import build_model
+    from megamod.families.llava import LLAVA
     from megamod.training.objective import Objective
     from megamod.training.stages import apply_trainable, get_stage
     from megamod.training.step import build_optimizer, train_step, wrap_ddp
@@ -109,10 +110,10 @@ def run(a) -> dict:
         phases[name] = proc_status("VmRSS") - rss["baseline"]
 
     torch.manual_seed(0)
-    student = build_model(student_cfg, "llava", dtype, init_weights=True)
+    student = build_model(student_cfg, dtype, init_weights=True)
     trainable = apply_trainable(student, stage.trainable)
     phase("student built")
-    teacher = build_model(teacher_cfg, "llava", dtype, init_weights=True).requires_grad_(False).eval()
+    teacher = build_model(teacher_cfg, dtype, init_weights=True).requires_grad_(False).eval()
     phase("teacher built")
     malloc_trim()
     phase("malloc_trim")
@@ -124,7 +125,7 @@ def run(a) -> dict:
     ddp.train()
     mbs = distill_step.micro_batches(student_cfg, p, device)
     vocab = student_cfg.language.vocab_size
-    objective = Objective(dict(stage.losses), vocab, llava=True, chunk_tokens=a.chunk_tokens)
+    objective = Objective(dict(stage.losses), vocab, family=LLAVA, chunk_tokens=a.chunk_tokens)
     saved = SavedBytes(list(student.parameters()))
     widths = {}
     loss = objective.loss
@@ -138,6 +139,9 @@ def run(a) -> dict:
     step_s, peaks, losses = [], [], []
     for _ in range(a.steps):
         saved.seen, saved.part = {}, "layers"
+        # glibc keeps the previous step's freed activation pages in its heaps, so without a trim each step's peak
+        # lands on top of the last one's leftovers; a GPU's caching allocator reuses those blocks instead.
+        malloc_trim()
         reset_peak()
         begin = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from megamod.convert.qwen2 import Rule, config_from_hf as dense_config_from_hf, config_to_hf as dense_config_to_hf
-from megamod.convert.qwen2 import same
+from megamod.families.qwen2_hf import config_from_hf as dense_config_from_hf, config_to_hf as dense_config_to_hf
+from megamod.families.qwen2_hf import is_moe_layer
 from megamod.models.language import LanguageModelConfig
 
 
@@ -52,23 +52,6 @@ def _dense(cfg: LanguageModelConfig) -> LanguageModelConfig:
     return dataclasses.replace(cfg, num_experts=None, moe_layer_pattern=[], moe_ffn_hidden_size=None)
 
 
-def moe_mlp_rules(cfg: LanguageModelConfig, mg: str, hf: str) -> dict[str, Rule]:
-    """Router and experts of one MoE layer (`mg`/`hf`: the layer prefixes)."""
-    rules = {f"{mg}.mlp.router.weight": same(f"{hf}.mlp.gate.weight")}
-    for e in range(cfg.num_experts):
-        expert, local = f"{hf}.mlp.experts.{e}", f"{mg}.mlp.experts.local_experts.{e}"
-        rules[f"{local}.linear_fc1.weight"] = Rule(
-            [f"{expert}.gate_proj.weight", f"{expert}.up_proj.weight"],
-            lambda gate, up: torch.cat([gate, up], dim=0), lambda fc1: list(fc1.chunk(2, dim=0)),
-        )
-        rules[f"{local}.linear_fc2.weight"] = same(f"{expert}.down_proj.weight")
-    return rules
-
-
-def is_moe_layer(cfg: LanguageModelConfig, i: int) -> bool:
-    return cfg.num_experts is not None and (not cfg.moe_layer_pattern or bool(cfg.moe_layer_pattern[i]))
-
-
 def zero_shared_expert(cfg: LanguageModelConfig, hf_prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The zero-size shared expert the HF class expects in every MoE layer."""
     H, out = cfg.hidden_size, {}
@@ -86,3 +69,14 @@ def is_zero_shared_expert(name: str, tensor_shape) -> bool:
     if ".mlp.shared_expert_gate." in name:
         return True
     return ".mlp.shared_expert." in name and 0 in tuple(tensor_shape)
+
+
+def any_config_from_hf(hf: dict, where: str = "config.json") -> LanguageModelConfig:
+    """Qwen2 or Qwen2-MoE config.json -> LanguageModelConfig."""
+    if hf.get("model_type") == "qwen2_moe":
+        return config_from_hf(hf, where)
+    return dense_config_from_hf(hf, where)
+
+
+def any_config_to_hf(cfg: LanguageModelConfig, torch_dtype: str = "float32") -> dict:
+    return config_to_hf(cfg, torch_dtype) if cfg.num_experts is not None else dense_config_to_hf(cfg, torch_dtype)

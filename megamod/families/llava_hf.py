@@ -8,8 +8,9 @@ are renamed into it on read.
 from __future__ import annotations
 
 
-from megamod.convert import qwen2
-from megamod.convert.qwen2 import Rule, qkv_rule, same
+from megamod.families import qwen2_hf
+from megamod.families.hf_rules import Rule, qkv_rule, same
+from megamod.families.qwen2_moe_hf import any_config_from_hf, any_config_to_hf
 from megamod.models.llava import LlavaConfig
 from megamod.models.vision import VisionConfig
 
@@ -58,7 +59,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> LlavaConfig:
         raise ValueError(f"{where}: only the mlp2x_gelu projector (gelu, with bias) is supported")
     text = dict(hf["text_config"])
     text.setdefault("architectures", ["Qwen2ForCausalLM"])
-    language = qwen2.any_config_from_hf(text, f"{where} text_config")
+    language = any_config_from_hf(text, f"{where} text_config")
     if hf.get("tie_word_embeddings") is not None:
         language.tie_word_embeddings = bool(hf["tie_word_embeddings"])
     vision = vision_config_from_hf(hf["vision_config"], f"{where} vision_config", layer,
@@ -79,7 +80,7 @@ def vision_config_to_hf(v: VisionConfig) -> dict:
 
 
 def config_to_hf(cfg: LlavaConfig, torch_dtype: str = "float32") -> dict:
-    text = qwen2.any_config_to_hf(cfg.language, torch_dtype)
+    text = any_config_to_hf(cfg.language, torch_dtype)
     text.pop("architectures")
     return {
         "architectures": ["LlavaForConditionalGeneration"],
@@ -130,9 +131,26 @@ def projector_rules() -> dict[str, Rule]:
 
 
 def language_rules(cfg: LlavaConfig, hf_prefix: str = TEXT, lm_head: str = LM_HEAD) -> dict[str, Rule]:
-    return {f"language_model.{k}": r for k, r in qwen2.rules(cfg.language, hf_prefix, lm_head).items()}
+    return {f"language_model.{k}": r for k, r in qwen2_hf.rules(cfg.language, hf_prefix, lm_head).items()}
 
 
 def rules(cfg: LlavaConfig) -> dict[str, Rule]:
     """All Megatron tensor names of the unsharded LLaVA model, each with its HF rule."""
     return {**vision_rules(cfg.vision), **projector_rules(), **language_rules(cfg)}
+
+
+def processor_files(cfg: LlavaConfig) -> dict:
+    v = cfg.vision
+    image_processor = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": v.image_size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": v.image_size, "width": v.image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.image_mean),
+        "image_std": list(v.image_std), "do_convert_rgb": True,
+    }
+    processor = {
+        "processor_class": "LlavaProcessor", "patch_size": v.patch_size,
+        "vision_feature_select_strategy": v.select_strategy,
+        # CLIP's class token: with the default 0 the processor expands <image> to one position too few
+        "num_additional_image_tokens": 1, "image_token": "<image>",
+    }
+    return {"preprocessor_config.json": image_processor, "processor_config.json": processor}

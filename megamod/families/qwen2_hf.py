@@ -6,29 +6,12 @@ tensor and how to split it back, so both directions stream one tensor at a time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
+from megamod.families.hf_rules import Rule, padded_rows, qkv_rule, same
 from megamod.models.language import LanguageModelConfig
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)  # and Qwen2MoeForCausalLM, through qwen2_moe
-
-
-def any_config_from_hf(hf: dict, where: str = "config.json") -> LanguageModelConfig:
-    """Qwen2 or Qwen2-MoE config.json -> LanguageModelConfig."""
-    from megamod.convert import qwen2_moe
-
-    if hf.get("model_type") == "qwen2_moe":
-        return qwen2_moe.config_from_hf(hf, where)
-    return config_from_hf(hf, where)
-
-
-def any_config_to_hf(cfg: LanguageModelConfig, torch_dtype: str = "float32") -> dict:
-    from megamod.convert import qwen2_moe
-
-    return qwen2_moe.config_to_hf(cfg, torch_dtype) if cfg.num_experts is not None else config_to_hf(cfg, torch_dtype)
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)  # and Qwen2MoeForCausalLM, through qwen2_moe_hf
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -101,53 +84,6 @@ def config_to_hf(cfg: LanguageModelConfig, torch_dtype: str = "float32") -> dict
     }
 
 
-@dataclass
-class Rule:
-    """One Megatron tensor <- these HF tensors."""
-
-    hf_names: list[str]
-    to_megatron: Callable[..., torch.Tensor]  # HF tensors (in hf_names order) -> Megatron tensor
-    to_hf: Callable[[torch.Tensor], list[torch.Tensor]]  # Megatron tensor -> HF tensors (in hf_names order)
-
-
-def same(name: str) -> Rule:
-    return Rule([name], lambda t: t, lambda t: [t])
-
-
-def _padded_rows(name: str, cfg: LanguageModelConfig) -> Rule:
-    """Embedding / LM head: zero rows pad the vocabulary; they are dropped again on export."""
-
-    def to_megatron(t):
-        if t.shape[0] != cfg.vocab_size:
-            raise ValueError(f"{name}: {t.shape[0]} rows, config vocab_size is {cfg.vocab_size}")
-        out = t.new_zeros((cfg.padded_vocab_size, t.shape[1]))
-        out[: cfg.vocab_size] = t
-        return out
-
-    return Rule([name], to_megatron, lambda t: [t[: cfg.vocab_size]])
-
-
-def qkv_rule(prefix: str, kind: str, groups: int, q_per_group: int, head_dim: int) -> Rule:
-    """Megatron keeps q, k, v interleaved per key/value group: [q heads of group g, k_g, v_g] for each g."""
-    d = head_dim
-
-    def to_megatron(q, k, v):
-        tail = q.shape[1:]
-        return torch.cat(
-            [q.reshape(groups, q_per_group * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)],
-            dim=1,
-        ).reshape(-1, *tail)
-
-    def to_hf(qkv):
-        tail = qkv.shape[1:]
-        per_group = qkv.reshape(groups, (q_per_group + 2) * d, *tail)
-        q, k, v = per_group.split([q_per_group * d, d, d], dim=1)
-        return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
-
-    names = [f"{prefix}.self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
-    return Rule(names, to_megatron, to_hf)
-
-
 def _gate_up(prefix: str) -> Rule:
     """linear_fc1 holds [gate; up]: megatron's SwiGLU applies silu to the first half."""
     return Rule(
@@ -163,8 +99,6 @@ def _qkv(prefix: str, cfg: LanguageModelConfig, kind: str) -> Rule:
 
 
 def layer_rules(cfg: LanguageModelConfig, i: int, hf_prefix: str = "model") -> dict[str, Rule]:
-    from megamod.convert import qwen2_moe
-
     mg, hf = f"decoder.layers.{i}", f"{hf_prefix}.layers.{i}"
     rules = {
         f"{mg}.input_layernorm.weight": same(f"{hf}.input_layernorm.weight"),
@@ -172,8 +106,8 @@ def layer_rules(cfg: LanguageModelConfig, i: int, hf_prefix: str = "model") -> d
         f"{mg}.self_attention.linear_proj.weight": same(f"{hf}.self_attn.o_proj.weight"),
         f"{mg}.pre_mlp_layernorm.weight": same(f"{hf}.post_attention_layernorm.weight"),
     }
-    if qwen2_moe.is_moe_layer(cfg, i):
-        rules.update(qwen2_moe.moe_mlp_rules(cfg, mg, hf))
+    if is_moe_layer(cfg, i):
+        rules.update(moe_mlp_rules(cfg, mg, hf))
     else:
         rules[f"{mg}.mlp.linear_fc1.weight"] = _gate_up(hf)
         rules[f"{mg}.mlp.linear_fc2.weight"] = same(f"{hf}.mlp.down_proj.weight")
@@ -184,10 +118,27 @@ def layer_rules(cfg: LanguageModelConfig, i: int, hf_prefix: str = "model") -> d
 
 def rules(cfg: LanguageModelConfig, hf_prefix: str = "model", lm_head: str = "lm_head.weight") -> dict[str, Rule]:
     """All Megatron tensor names of the unsharded model (dense, or sparse as Qwen2-MoE), each with its HF rule."""
-    out = {"embedding.word_embeddings.weight": _padded_rows(f"{hf_prefix}.embed_tokens.weight", cfg)}
+    out = {"embedding.word_embeddings.weight": padded_rows(f"{hf_prefix}.embed_tokens.weight", cfg)}
     for i in range(cfg.num_layers):
         out.update(layer_rules(cfg, i, hf_prefix))
     out["decoder.final_layernorm.weight"] = same(f"{hf_prefix}.norm.weight")
     if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = _padded_rows(lm_head, cfg)
+        out["output_layer.weight"] = padded_rows(lm_head, cfg)
     return out
+
+
+def moe_mlp_rules(cfg: LanguageModelConfig, mg: str, hf: str) -> dict[str, Rule]:
+    """Router and experts of one MoE layer (`mg`/`hf`: the layer prefixes)."""
+    rules = {f"{mg}.mlp.router.weight": same(f"{hf}.mlp.gate.weight")}
+    for e in range(cfg.num_experts):
+        expert, local = f"{hf}.mlp.experts.{e}", f"{mg}.mlp.experts.local_experts.{e}"
+        rules[f"{local}.linear_fc1.weight"] = Rule(
+            [f"{expert}.gate_proj.weight", f"{expert}.up_proj.weight"],
+            lambda gate, up: torch.cat([gate, up], dim=0), lambda fc1: list(fc1.chunk(2, dim=0)),
+        )
+        rules[f"{local}.linear_fc2.weight"] = same(f"{expert}.down_proj.weight")
+    return rules
+
+
+def is_moe_layer(cfg: LanguageModelConfig, i: int) -> bool:
+    return cfg.num_experts is not None and (not cfg.moe_layer_pattern or bool(cfg.moe_layer_pattern[i]))

@@ -38,7 +38,7 @@ def check_tokenizer_fits(model, tok, ckpt: str) -> None:
     if tok.vocab_size > rows:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the {rows} vocabulary rows of "
                          f"{ckpt}")
-    if model.kind == "llava" and tok.token_to_id("<image>") != model.image_token_id:
+    if model.family.takes_images and tok.token_to_id("<image>") != model.image_token_id:
         raise ValueError(f"tokenizer {tok.path} has <image> at id {tok.token_to_id('<image>')}, {ckpt} reads images "
                          f"at id {model.image_token_id}")
 
@@ -68,7 +68,7 @@ def _build_dataset(model, tok, s, kind: str, max_length: int, on_bad_sample: str
     from megamod.data.datasets import FileDataset
     from megamod.data.indexed import IndexedSampleDataset
     from megamod.data.records import DataError
-    from megamod.training.config import ConfigError
+    from megamod.errors import ConfigError
 
     if (s.path is None) == (s.prefix is None):
         raise ConfigError(f"data.train[{i}] needs exactly one of path or prefix, got path={s.path!r}, "
@@ -91,19 +91,14 @@ def _build_dataset(model, tok, s, kind: str, max_length: int, on_bad_sample: str
 def build_collator(model, tok, pad_to_multiple_of: int):
     from megamod.data.collate import Collator
 
-    image_id = model.image_token_id if model.kind == "llava" else -1
+    image_id = model.image_token_id if model.family.takes_images else -1
     return Collator(image_id, tok.pad_id, num_image_tokens=_num_image_tokens(model),
                     pad_to_multiple_of=pad_to_multiple_of, image_size=_image_processor(model).size)
 
 
 def _image_processor(model):
-    from megamod.data.images import ImageProcessor
-
-    if model.kind != "llava":
-        return ImageProcessor()
-    vision = model.cfg.vision
-    return ImageProcessor(size=vision.image_size, mean=vision.image_mean, std=vision.image_std)
+    return model.family.image_processor(model.cfg)
 
 
 def _num_image_tokens(model) -> int:
-    return model.cfg.vision.num_image_tokens if model.kind == "llava" else 1
+    return model.family.positions_per_image(model.cfg)
