@@ -51,14 +51,23 @@ def test_forced_fusions_run_in_the_language_model_and_match_the_exact_path(world
 
     from megamod.models.language import LanguageModelConfig, build_language_model
 
-    calls = {"swiglu": 0}
+    from megatron.core.fusions import fused_bias_dropout
+
+    calls = {"swiglu": 0, "bda": 0}
     real = mlp.bias_swiglu_impl
+    real_bda = fused_bias_dropout.bias_dropout_add_fused_train
 
     def swiglu(*args, **kwargs):
         calls["swiglu"] += 1
         return real(*args, **kwargs)
 
+    def bda(*args, **kwargs):
+        calls["bda"] += 1
+        return real_bda(*args, **kwargs)
+
     monkeypatch.setattr(mlp, "bias_swiglu_impl", swiglu)
+    # get_bias_dropout_add looks the fused function up at call time: a spy on the module attribute sees it run
+    monkeypatch.setattr(fused_bias_dropout, "bias_dropout_add_fused_train", bda)
     cfg = LanguageModelConfig(vocab_size=251, hidden_size=64, num_layers=2, num_attention_heads=4,
                               num_query_groups=2, ffn_hidden_size=96)
     models = {}
@@ -76,9 +85,11 @@ def test_forced_fusions_run_in_the_language_model_and_match_the_exact_path(world
     pos_BS = torch.arange(16).expand(2, 16)
     logits = {}
     for fused, model in models.items():
-        before = calls["swiglu"]
+        before, before_bda = calls["swiglu"], calls["bda"]
+        assert model.training  # the fused bias-dropout-add under test is the training one
         logits[fused] = model(ids_BS, pos_BS, attention_mask=None)
         assert (calls["swiglu"] - before) == (2 if fused else 0)  # one per layer, only when fused
+        assert (calls["bda"] - before_bda) == (4 if fused else 0)  # after attention and after the MLP, per layer
         logits[fused].float().square().mean().backward()
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
     for (name, p), (_, q) in zip(models[False].named_parameters(), models[True].named_parameters()):
