@@ -6,6 +6,7 @@ import torch
 
 from megamod import ops
 from megamod.ops.permute import MEGATRON_TORCH_PATH as MEGATRON
+from tests.helpers import PermuteCalls
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -23,6 +24,18 @@ def run(impl, tokens_TH, routing_map_TE, probs_TE, grad_TH):
     out_TH.backward(grad_TH)
     return dict(permuted=permuted_PH, permuted_probs=permuted_probs_P, out=out_TH, grad_tokens=x_TH.grad,
                 grad_probs=p_TE.grad)
+
+
+def run_path(impl, *args):
+    """`run`, proving which path ran: megamod._C's kernels for `ops` (never megatron's permute), megatron's torch
+    permute for the reference (never a kernel), so that neither comparison can be a path compared with itself."""
+    with PermuteCalls() as calls:
+        result = run(impl, *args)
+    if impl is ops:
+        assert calls.kernels() >= 4 and calls.megatron() == 0, dict(calls.counts)
+    else:
+        assert calls.kernels() == 0 and calls.megatron() == 2, dict(calls.counts)
+    return result
 
 
 def inputs(H, dtype, probs_dtype, device):
@@ -59,8 +72,8 @@ def test_extension_has_cuda():
      (torch.float16, torch.float16), (torch.float64, torch.float64)],
 )
 def test_cuda_equals_cpu_kernels(H, dtype, probs_dtype):
-    cpu = run(ops, *inputs(H, dtype, probs_dtype, "cpu"))
-    cuda = run(ops, *inputs(H, dtype, probs_dtype, "cuda"))
+    cpu = run_path(ops, *inputs(H, dtype, probs_dtype, "cpu"))
+    cuda = run_path(ops, *inputs(H, dtype, probs_dtype, "cuda"))
     for name, value in cpu.items():
         if name == "grad_probs":
             torch.testing.assert_close(cuda[name].cpu(), value, **dot_tolerance(value, dtype))
@@ -71,7 +84,7 @@ def test_cuda_equals_cpu_kernels(H, dtype, probs_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_megatron(dtype):
     args = inputs(1024, dtype, dtype, "cuda")
-    ours, ref = run(ops, *args), run(MEGATRON, *args)
+    ours, ref = run_path(ops, *args), run_path(MEGATRON, *args)
     for name in ours:
         tol = dot_tolerance(ref[name], dtype) if name == "grad_probs" else dict(rtol=0, atol=0)
         torch.testing.assert_close(ours[name], ref[name], **tol)
@@ -79,5 +92,5 @@ def test_cuda_matches_megatron(dtype):
 
 def test_cuda_no_tokens():
     tokens_TH, routing_map_TE, probs_TE, grad_TH = (t[:0] for t in inputs(64, torch.float32, torch.float32, "cuda"))
-    result = run(ops, tokens_TH, routing_map_TE, probs_TE, grad_TH)
+    result = run_path(ops, tokens_TH, routing_map_TE, probs_TE, grad_TH)
     assert result["out"].shape == (0, 64) and result["grad_probs"].shape == (0, E)
