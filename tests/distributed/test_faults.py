@@ -66,8 +66,11 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(engine_setup
     assert rc != 0, out[-3000:]
     # written in the background, the files of step 2 are still being written while step 3 may run
     failed_after = "(2|3)" if async_save else "2"
-    assert "exitcode  : -9" in out and re.search(f"rank 1: training failed after step {failed_after} of 4", out), \
-        out[-3000:]
+    # rank 1 ends either on its own, its collective failing against the dead peer, or by torchrun's SIGTERM when
+    # the agent notices rank 0's death first (a race that a loaded machine tips either way); never still running
+    rank1_failed = re.search(f"rank 1: training failed after step {failed_after} of 4", out)
+    rank1_stopped = re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -15", out)
+    assert "exitcode  : -9" in out and (rank1_failed or rank1_stopped), out[-3000:]
     root = str(tmp_path / "run" / "checkpoints")
     assert checkpoint.find_resume(root).endswith("step_0000001")
     assert os.path.exists(os.path.join(root, ".tmp-step_0000002"))  # the interrupted write, never renamed
