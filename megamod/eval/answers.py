@@ -17,7 +17,7 @@ import json
 import os
 import uuid
 
-from megamod.eval.formats import LETTERS, FormatError, rotate
+from megamod.eval.formats import LETTERS, FormatError, _jsonl, rotate
 from megamod.eval.metrics import choice_metrics
 from megamod.eval.prompts import choice_text, with_instruction
 from megamod.eval.tasks import get_task
@@ -63,21 +63,11 @@ def read(paths: list[str]) -> list[tuple[str, dict]]:
     """("file:line", record) for every record of the answer files, in order (chunk files concatenated)."""
     out = []
     for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"answer file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FormatError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict) or "question_id" not in record or not isinstance(
-                        record.get("text"), str):
-                    raise FormatError(f"{where}: an answer record needs 'question_id' and a string 'text'")
-                out.append((where, record))
+        for lineno, record in _jsonl(path, "answer file"):
+            where = f"{path}:{lineno}"
+            if "question_id" not in record or not isinstance(record.get("text"), str):
+                raise FormatError(f"{where}: an answer record needs 'question_id' and a string 'text'")
+            out.append((where, record))
     return out
 
 

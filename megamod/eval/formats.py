@@ -96,10 +96,10 @@ def open_image(item):
         raise ImageError(f"{item.location}: cannot decode the base64 image: {e}") from None
 
 
-def _jsonl(path: str):
-    """(line number, object) per non-blank line."""
+def _jsonl(path: str, what: str = "evaluation file"):
+    """(line number, object) per non-blank line; `what` names the file in the not-found error."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"evaluation file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
