@@ -120,19 +120,13 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_s: float = 600) -> LaunchEnv:
-    """Start torch.distributed and Megatron's parallel state; seed every rank identically.
-
-    Identical seeding matters on CPU: megatron builds each parameter's full master weight on every rank from the
-    default generator before slicing, so ranks must draw the same numbers.
-    `timeout_s` bounds every collective of every group (gloo raises; NCCL's watchdog aborts the process), so that
-    a rank that died or hangs ends the others instead of leaving them waiting forever.
-    """
+def start_process_group(timeout_s: float = 600) -> LaunchEnv:
+    """torch.distributed's default group over the launcher's world (gloo on CPU, NCCL on GPU), once per process;
+    megatron-core's version check and CPU or no-TransformerEngine adaptations first."""
     from megamod import cpu_compat, mcore_version, te_absent
 
     mcore_version.check()  # an unsupported megatron-core stops here, named, not deep inside megatron
     launch = read_launch_env()
-    parallel.validate(launch.world_size)
     cuda = _use_cuda()
     if not cuda:
         cpu_compat.apply()
@@ -152,6 +146,21 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, ti
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+    return launch
+
+
+def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, timeout_s: float = 600) -> LaunchEnv:
+    """Start torch.distributed and Megatron's parallel state; seed every rank identically.
+
+    Identical seeding matters on CPU: megatron builds each parameter's full master weight on every rank from the
+    default generator before slicing, so ranks must draw the same numbers.
+    `timeout_s` bounds every collective of every group (gloo raises; NCCL's watchdog aborts the process), so that
+    a rank that died or hangs ends the others instead of leaving them waiting forever.
+    In a world split between teacher and student ranks (teacher_ranks/world.py) the default group is this rank's
+    side: the layout splits that side.
+    """
+    launch = start_process_group(timeout_s)
+    parallel.validate(torch.distributed.get_world_size())
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
@@ -167,10 +176,10 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, ti
     )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    if launch.rank == 0:
+    if torch.distributed.get_rank() == 0:
         log.info(
             "distributed: %s world=%d backend=%s tp=%d pp=%d ep=%d cp=%d",
-            launch.launcher, launch.world_size, "nccl" if cuda else "gloo",
+            launch.launcher, torch.distributed.get_world_size(), torch.distributed.get_backend(),
             parallel.tp, parallel.pp, parallel.ep, parallel.cp,
         )
     return launch
@@ -190,7 +199,10 @@ def shutdown() -> None:
     """Barrier then tear down, so that no rank exits while a peer still waits on it (gloo hangs are silent)."""
     from megatron.core import parallel_state
 
+    from megamod.teacher_ranks import world
+
     if torch.distributed.is_initialized():
+        world.unsplit()  # a job split between teacher and student ranks ends together
         torch.distributed.barrier()
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()

@@ -18,10 +18,19 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from megamod import distributed
-    from megamod.training.config import load_config
+    from megamod.training.config import TeacherRanksConfig, load_config
     from megamod.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if isinstance(cfg.teacher, TeacherRanksConfig):  # the first teacher.ranks ranks serve the teacher
+        from megamod.teacher_ranks import launch
+
+        split = launch.start(cfg)
+        if split.teacher:
+            status = launch.serve(cfg, split)
+            if status:
+                raise SystemExit(status)  # the student stopped on a signal (75): the same status, no traceback
+            return 0
     trainer = Trainer(cfg)
     history = trainer.train()
     if history:

@@ -20,19 +20,26 @@ REQUIRED = ("format", "version", "kind", "topk", "dtype", "teacher", "vocab_size
 @dataclass
 class CachedTeacher:
     """The cached teacher of one micro-batch. Conversations: `ids_BSK`, `logprobs_BSK`, `log_tail_BS` (zeros
-    outside the answer positions); pairs: `reference_2B` (chosen rows, then rejected, as MicroBatch orders them)."""
+    outside the answer positions); pairs: `reference_2B` (chosen rows, then rejected, as MicroBatch orders them).
+    A teacher on its own ranks with `send: full` fills `logits_BSv` instead: this rank's vocabulary columns of its
+    logits (zeros outside the answer positions and past the tokenizer's ids)."""
 
     ids_BSK: torch.Tensor | None = None
     logprobs_BSK: torch.Tensor | None = None
     log_tail_BS: torch.Tensor | None = None
     reference_2B: torch.Tensor | None = None
+    logits_BSv: torch.Tensor | None = None
 
     def to(self, device) -> "CachedTeacher":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return CachedTeacher(move(self.ids_BSK), move(self.logprobs_BSK), move(self.log_tail_BS),
-                             move(self.reference_2B))
+                             move(self.reference_2B), move(self.logits_BSv))
 
     def pad_to(self, length: int) -> "CachedTeacher":
+        if self.logits_BSv is not None and self.logits_BSv.shape[1] < length:
+            extra = self.logits_BSv.new_zeros((self.logits_BSv.shape[0], length - self.logits_BSv.shape[1],
+                                               self.logits_BSv.shape[2]))
+            return replace(self, logits_BSv=torch.cat([self.logits_BSv, extra], dim=1))
         if self.ids_BSK is None or self.ids_BSK.shape[1] >= length:
             return self
         extra = length - self.ids_BSK.shape[1]

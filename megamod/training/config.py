@@ -112,11 +112,37 @@ class TeacherCacheConfig:
 
 
 @dataclass
+class TeacherParallel:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class TeacherRanksConfig:
+    """The teacher on its own ranks (megamod/teacher_ranks): the first `ranks` ranks of the job run the frozen teacher
+    at its own layout, forward only, and send each student data-parallel rank its rows; the other ranks train the
+    student at `parallel`. `send`: "topk" (the `topk` most likely ids' log-probs + tail mass, as a teacher cache
+    holds them, in `dtype`) or "full" (the log-probs of every id: exact KD, any loss.kd and temperature)."""
+
+    ckpt: str
+    ranks: int
+    parallel: TeacherParallel = field(default_factory=TeacherParallel)
+    send: str = "topk"
+    topk: int = 64
+    dtype: str = "bfloat16"  # of the top-k log-probs sent (float32 | bfloat16)
+
+
+TEACHER_SENDS = ("topk", "full")
+
+
+@dataclass
 class RunConfig:
     stage: str
     student: str  # megamod checkpoint directory
     out: str  # run directory: checkpoints/, tensorboard/, model/ (the final student, input of the next stage)
-    teacher: str | TeacherCacheConfig | None = None  # a checkpoint (online teacher) or {cache: DIR}
+    # a checkpoint (online teacher, riding on the student's ranks), {cache: DIR} (offline) or {ckpt: DIR, ranks: N,
+    # ...} (online on its own ranks)
+    teacher: str | TeacherCacheConfig | TeacherRanksConfig | None = None
     trainable: list[str] | None = None  # parameter groups to train; default: the stage's (stages.GROUPS)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -156,8 +182,13 @@ def _build(cls, value, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if isinstance(value, dict):  # a section: the dataclass member of the union
-            inner = [a for a in inner if dataclasses.is_dataclass(a)] or inner
+        if isinstance(value, dict):  # a section: the dataclass member of the union its keys name
+            sections = [a for a in inner if dataclasses.is_dataclass(a)]
+            fitting = [a for a in sections if set(value) <= {f.name for f in dataclasses.fields(a)}]
+            if len(sections) > 1 and not fitting:
+                forms = " or ".join("{" + ", ".join(f.name for f in dataclasses.fields(a)) + "}" for a in sections)
+                raise ConfigError(f"{where}: keys {sorted(value)} fit none of its forms: {forms}")
+            inner = fitting or sections or inner
         return _build(inner[0], value, where)
     if origin is list:
         if not isinstance(value, list):
@@ -210,6 +241,8 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if isinstance(cfg.teacher, TeacherCacheConfig) and (cfg.loss.kd != "forward" or cfg.loss.temperature != 1.0):
         raise ConfigError(f"{where}: a cached teacher (teacher.cache) holds temperature-1 top-k log-probs: it supports "
                           f"loss.kd=forward and loss.temperature=1 only (got {cfg.loss.kd}, {cfg.loss.temperature})")
+    if isinstance(cfg.teacher, TeacherRanksConfig):
+        _validate_teacher_ranks(cfg, where)
     if cfg.trainable is not None:
         unknown = sorted(set(cfg.trainable) - set(GROUPS))
         if unknown or not cfg.trainable:
@@ -252,6 +285,32 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if cfg.data.check_images not in ("startup", "lazy"):
         raise ConfigError(f"{where}: data.check_images must be startup or lazy, got {cfg.data.check_images!r}")
     return cfg
+
+
+def _validate_teacher_ranks(cfg: RunConfig, where: str) -> None:
+    t = cfg.teacher
+    if not get_stage(cfg.stage).teacher:
+        raise ConfigError(f"{where}: stage {cfg.stage} has no teacher; teacher.ranks is for d2d, d2s and preference")
+    if isinstance(t.ranks, bool) or t.ranks < 1:
+        raise ConfigError(f"{where}: teacher.ranks must be >= 1, got {t.ranks!r}")
+    for name in ("tp", "pp"):
+        value = getattr(t.parallel, name)
+        if isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where}: teacher.parallel.{name} must be >= 1, got {value!r}")
+    if t.ranks % (t.parallel.tp * t.parallel.pp):
+        raise ConfigError(f"{where}: teacher.ranks {t.ranks} is not a multiple of teacher.parallel tp*pp = "
+                          f"{t.parallel.tp}*{t.parallel.pp}")
+    if t.send not in TEACHER_SENDS:
+        raise ConfigError(f"{where}: teacher.send must be one of {list(TEACHER_SENDS)}, got {t.send!r}")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"{where}: teacher.dtype must be float32 or bfloat16, got {t.dtype!r}")
+    if t.send == "topk" and not get_stage(cfg.stage).pairs:
+        if isinstance(t.topk, bool) or t.topk < 1:
+            raise ConfigError(f"{where}: teacher.topk must be >= 1, got {t.topk!r}")
+        if cfg.loss.kd != "forward" or cfg.loss.temperature != 1.0:
+            raise ConfigError(f"{where}: teacher.send=topk sends temperature-1 top-k log-probs: it supports "
+                              f"loss.kd=forward and loss.temperature=1 only (got {cfg.loss.kd}, "
+                              f"{cfg.loss.temperature}); use teacher.send=full")
 
 
 def loss_weights(cfg: RunConfig) -> dict:

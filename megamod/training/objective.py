@@ -49,7 +49,7 @@ class Objective:
             rows = slice(0, mb.pairs) if mb.pairs else slice(None)  # pairs: the chosen answers only
             parts["ce"] = masked_mean(cross_entropy_BS(student_BSv[rows], mb.labels[rows], self.vocab_size),
                                       mb.loss_mask[rows])
-        if "kd" in self.weights and mb.cached is not None:
+        if "kd" in self.weights and _topk(mb) is not None:
             c = mb.cached
             parts["kd"] = masked_mean(topk_kd_loss_BS(student_BSv, c.ids_BSK, c.logprobs_BSK, c.log_tail_BS,
                                                       self.vocab_size), mb.loss_mask)
@@ -60,11 +60,9 @@ class Objective:
             if not mb.pairs:
                 raise ValueError("the preference loss needs preference pairs (data kind: pairs)")
             policy_2B = sequence_logprobs_B(student_BSv, mb.labels, mb.loss_mask, self.vocab_size)
-            if mb.cached is not None:
-                reference_2B = mb.cached.reference_2B
-            else:
-                with torch.no_grad():
-                    reference_2B = sequence_logprobs_B(teacher_BSv, mb.labels, mb.loss_mask, self.vocab_size)
+            reference_2B = _reference(mb)
+            if reference_2B is None:
+                reference_2B = self.reference_2B(teacher_BSv, mb)
             P = mb.pairs
             loss_N, metrics = preference_loss(self.preference, policy_2B[:P], policy_2B[P:], reference_2B[:P],
                                               reference_2B[P:], beta=self.beta)
@@ -75,7 +73,7 @@ class Objective:
         """loss() on the chunked losses: KD and the label log-probs (CE, preference) in one pass over the student."""
         parts: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
-        online_kd = "kd" in self.weights and mb.cached is None
+        online_kd = "kd" in self.weights and _topk(mb) is None
         need_logp = "ce" in self.weights or "preference" in self.weights
         if "preference" in self.weights and not mb.pairs:
             raise ValueError("the preference loss needs preference pairs (data kind: pairs)")
@@ -88,7 +86,7 @@ class Objective:
         if "ce" in self.weights:
             rows = slice(0, mb.pairs) if mb.pairs else slice(None)  # pairs: the chosen answers only
             parts["ce"] = masked_mean(-logp_BS[rows], mb.loss_mask[rows])
-        if "kd" in self.weights and mb.cached is not None:
+        if "kd" in self.weights and _topk(mb) is not None:
             c = mb.cached
             parts["kd"] = masked_mean(chunked_topk_kd_loss_BS(student_BSv, c.ids_BSK, c.logprobs_BSK, c.log_tail_BS,
                                                               self.vocab_size, self.chunk_tokens), mb.loss_mask)
@@ -97,18 +95,24 @@ class Objective:
         if "preference" in self.weights:
             mask_BS = mb.loss_mask.to(torch.bool).to(logp_BS.dtype)
             policy_2B = (logp_BS * mask_BS).sum(-1)
-            if mb.cached is not None:
-                reference_2B = mb.cached.reference_2B
-            else:
-                with torch.no_grad():
-                    ref_BS = chunked_losses_BS(teacher_BSv, self.vocab_size, labels_BS=mb.labels,
-                                               chunk_tokens=self.chunk_tokens)[1]
-                    reference_2B = (ref_BS * mask_BS).sum(-1)
+            reference_2B = _reference(mb)
+            if reference_2B is None:
+                reference_2B = self.reference_2B(teacher_BSv, mb)
             P = mb.pairs
             loss_N, metrics = preference_loss(self.preference, policy_2B[:P], policy_2B[P:], reference_2B[:P],
                                               reference_2B[P:], beta=self.beta)
             parts["preference"] = loss_N.mean()
         return self._total(parts, metrics)
+
+    def reference_2B(self, teacher_BSv: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        """The teacher's log-probs of each pair row's answer [2B] (the preference loss's reference), computed as
+        the loss computes the student's (chunked or not)."""
+        with torch.no_grad():
+            if not self.chunk_tokens:
+                return sequence_logprobs_B(teacher_BSv, mb.labels, mb.loss_mask, self.vocab_size)
+            ref_BS = chunked_losses_BS(teacher_BSv, self.vocab_size, labels_BS=mb.labels,
+                                       chunk_tokens=self.chunk_tokens)[1]
+            return (ref_BS * mb.loss_mask.to(torch.bool).to(ref_BS.dtype)).sum(-1)
 
     def _total(self, parts: dict, metrics: dict):
         total = sum(self.weights[k] * v for k, v in parts.items())
@@ -132,7 +136,7 @@ class Objective:
                 with torch.no_grad():
                     features = shared_tower(mb.images)
             student_out = run_model(student, mb, self.family, features)
-            teacher_out = None
+            teacher_out = _logits(mb)  # a teacher on its own ranks sent them (teacher.send: full)
             if teacher is not None:
                 with torch.no_grad():
                     teacher_out = run_model(teacher, mb, self.family, features)
@@ -145,3 +149,17 @@ class Objective:
             return student_out, loss_func
 
         return forward_step
+
+
+def _topk(mb: MicroBatch):
+    """The teacher's top-k rows (a cache, or a teacher on its own ranks), None when it runs in this job or sent its
+    full logits."""
+    return mb.cached if mb.cached is not None and mb.cached.ids_BSK is not None else None
+
+
+def _reference(mb: MicroBatch):
+    return mb.cached.reference_2B if mb.cached is not None else None
+
+
+def _logits(mb: MicroBatch):
+    return mb.cached.logits_BSv if mb.cached is not None else None

@@ -10,6 +10,7 @@ step boundary with a checkpoint and exit status 75 (training/preemption.py).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -23,12 +24,12 @@ from megamod import checkpoint as model_checkpoint
 from megamod import distributed, performance
 from megamod.distributed import collective_device
 from megamod.training import checkpoint as train_checkpoint
-from megamod.training.config import RunConfig, TeacherCacheConfig, loss_weights
+from megamod.training.config import RunConfig, TeacherCacheConfig, TeacherRanksConfig, loss_weights
 from megamod.flops import vision_flops
 from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
 from megamod.loading.data import check_tokenizer_fits, load_run_tokenizer
 from megamod.loading.microbatch import from_batch, pad_to
-from megamod.loading.models import load, load_teacher, vocab_rows
+from megamod.loading.models import check_compatible, describe, load, load_teacher, vocab_rows
 from megamod.models.moe_log import start_aux_loss_log
 from megamod.teacher_cache.reader import open_cache
 from megamod.training.models import DistillPair, shared_vision_tower, unwrap
@@ -49,6 +50,16 @@ class Trainer:
 
         self.cfg, self.stage = cfg, get_stage(cfg.stage)
         p = cfg.parallel
+        remote = self.stage.teacher and isinstance(cfg.teacher, TeacherRanksConfig)
+        split = None
+        if remote:  # the teacher on its own ranks: this process must be one of the student's (teacher_ranks/)
+            from megamod.teacher_ranks import launch, world
+
+            split = world.current() or launch.start(cfg)
+            if split.teacher:
+                raise RuntimeError(f"global rank {split.global_rank} is a teacher rank (teacher.ranks="
+                                   f"{cfg.teacher.ranks}): it serves the teacher (teacher_ranks.launch.serve), "
+                                   f"the Trainer runs on the student's ranks")
         distributed.initialize(distributed.ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp), seed=cfg.seed,
                                timeout_s=p.timeout_s)
         self.rank, self.dtype = torch.distributed.get_rank(), model_checkpoint.resolve_dtype(cfg.dtype)
@@ -66,7 +77,8 @@ class Trainer:
         # built with one padded vocabulary width, so that their logit shards line up under TP.
         self.tokenizer = load_run_tokenizer(cfg.data.tokenizer, cfg.student)
         online_teacher = self.stage.teacher and not isinstance(cfg.teacher, TeacherCacheConfig)
-        rows = vocab_rows(cfg.student, *([cfg.teacher] if online_teacher else []))
+        teacher_ckpt = cfg.teacher.ckpt if remote else cfg.teacher
+        rows = vocab_rows(cfg.student, *([teacher_ckpt] if online_teacher else []))
         self.student = load(cfg.student, self.dtype, vocab_rows=rows)
         check_tokenizer_fits(self.student, self.tokenizer, cfg.student)
         sparse = self.student.language.num_experts is not None
@@ -79,8 +91,10 @@ class Trainer:
         self.trainable = apply_trainable(self.student.model, self.groups)
         self._check_trainable()
         self.ddp = wrap_ddp(self.student.model, cfg.optim.distributed_optimizer)
-        self.teacher = self.teacher_cache = None
-        if self.stage.teacher and isinstance(cfg.teacher, TeacherCacheConfig):
+        self.teacher = self.teacher_cache = self.remote = None
+        if remote:
+            check_compatible(describe(teacher_ckpt), self.student, teacher_ckpt, self.tokenizer)
+        elif self.stage.teacher and isinstance(cfg.teacher, TeacherCacheConfig):
             self.teacher_cache = open_cache(cfg.teacher.cache, self.tokenizer, self.stage.pairs)
         elif self.stage.teacher:
             self.teacher = load_teacher(cfg.teacher, self.student, self.dtype,
@@ -101,6 +115,11 @@ class Trainer:
                                          adam_betas=(o.adam_beta1, o.adam_beta2), min_lr=o.min_lr,
                                          initial_loss_scale=o.initial_loss_scale)
         self._build_data()
+        if remote:
+            from megamod.teacher_ranks.client import RemoteTeacher
+
+            self.remote = RemoteTeacher(cfg, split, self.student, self.tokenizer, self.dtype)
+        self.sampler_state = None  # the data position after the micro-batches of the last step trained
         self.objective = Objective(loss_weights(cfg), self.tokenizer.vocab_size, self.student.family,
                                    cfg.loss.kd, cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta,
                                    chunk_tokens=cfg.loss.chunk_tokens)
@@ -127,8 +146,12 @@ class Trainer:
         w = self.objective.weights
         if not w:
             raise ValueError(f"stage {self.cfg.stage}: every loss weight is zero")
-        if ("kd" in w or "preference" in w) and self.teacher is None and self.teacher_cache is None:
+        if ("kd" in w or "preference" in w) and self.teacher is None and self.teacher_cache is None \
+                and self.remote is None:
             raise ValueError(f"losses {sorted(w)} need a teacher; stage {self.cfg.stage} has none")
+        if self.remote is not None and self.stage.pairs and "kd" in w:
+            raise ValueError(f"stage {self.cfg.stage}: a teacher on its own ranks sends preference pairs' reference "
+                             f"log-probs only, not KD rows; drop loss.weights.kd")
         if ("preference" in w) != self.stage.pairs:
             raise ValueError(f"stage {self.cfg.stage}: the preference loss goes with pair data and only with it")
 
@@ -188,20 +211,37 @@ class Trainer:
             log.info("resumed from %s at step %d", directory, self.step)
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def _micro_batches(self, batches) -> list:
+    def _fetch(self, batches) -> list:
+        """One step's micro-batches on the CPU, each with its samples' ids (their locations where they have none)."""
         takes_images = self.student.family.takes_images
-        mbs = []
+        items = []
         for _ in range(self.num_micro):
             batch = next(batches)
             mb = from_batch(batch, takes_images)
+            rows = batch.chosen if hasattr(batch, "chosen") else batch
             if self.teacher_cache is not None:
-                rows = batch.chosen if hasattr(batch, "chosen") else batch
                 mb = dataclasses.replace(mb, cached=self.teacher_cache.for_micro_batch(rows.sample_ids,
                                                                                        rows.locations, mb))
-            mbs.append(mb)
+            items.append((mb, [sid if sid is not None else where
+                               for sid, where in zip(rows.sample_ids, rows.locations)]))
         if self.cfg.parallel.pp > 1:  # pipeline stages exchange activations of one shape per step
-            length = max(mb.seq_length for mb in mbs)
-            mbs = [pad_to(mb, length, self.tokenizer.pad_id) for mb in mbs]
+            length = max(mb.seq_length for mb, _ in items)
+            items = [(pad_to(mb, length, self.tokenizer.pad_id), ids) for mb, ids in items]
+        return items
+
+    def _micro_batches(self, batches) -> list:
+        """This step's micro-batches on the training device. A teacher on its own ranks gets them one step ahead:
+        its rows of this step come back, then the next step's micro-batches go out, then this step trains."""
+        if self.remote is None:
+            mbs = [mb for mb, _ in self._fetch(batches)]
+            self.sampler_state = copy.deepcopy(self.loader.state_dict())
+        else:
+            if self.remote.pending is None:  # the first step of this process
+                self.remote.send(self.step, self._fetch(batches))
+            self.sampler_state = copy.deepcopy(self.loader.state_dict())  # before the next step's are read
+            mbs = self.remote.receive(self.step)
+            if self.step + 1 < self.total_steps:
+                self.remote.send(self.step + 1, self._fetch(batches))
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         return [mb.to(device) for mb in mbs]
 
@@ -298,7 +338,8 @@ class Trainer:
 
     def _train_state(self) -> dict:
         return {"stage": self.cfg.stage, "scheduler": self.scheduler.state_dict(),
-                "sampler": self.loader.state_dict(), "config": self.cfg.to_dict(), "model": self.student.cfg.to_dict()}
+                "sampler": self.sampler_state if self.sampler_state is not None else self.loader.state_dict(),
+                "config": self.cfg.to_dict(), "model": self.student.cfg.to_dict()}
 
     def save_checkpoint(self) -> str:
         directory = train_checkpoint.save(self.ckpt_root, self.step, unwrap(self.ddp), self.optimizer,
@@ -334,6 +375,8 @@ class Trainer:
                         timer.lap()  # checkpoint time is not step time
                 if self.writer is not None:
                     self.writer.wait()
+                if self.remote is not None:
+                    self.remote.close(0)  # the teacher's ranks are done
                 self.export(os.path.join(cfg.out, "model"))
         except Exception as e:
             hint = ""
@@ -348,6 +391,7 @@ class Trainer:
         return logger.history if self.rank == 0 else []
 
     def _train_one(self, batches, logger: StepLogger, timer: Timer) -> None:
+        waited = self.remote.wait_s if self.remote is not None else 0.0
         mbs = self._micro_batches(batches)
         seq = mbs[0].seq_length
         adjust = self.pair.adjust_tensor_shapes if self.pair is not None else None
@@ -361,6 +405,8 @@ class Trainer:
         if aux is not None:
             metrics["aux"] = aux
         metrics.update(self._update_metrics(result))
+        if self.remote is not None:  # the wait for the teacher's rows, on the last pipeline stage
+            metrics["teacher_wait_s"] = self.remote.wait_s - waited
         metrics.update(self._throughput(mbs, timer.lap()))
         logger.log(self.step, metrics)
 
@@ -374,6 +420,10 @@ class Trainer:
             where = train_checkpoint.step_dir(self.ckpt_root, self.step) if self.step else "none (no step yet)"
             log.warning("stopped on %s after step %d of %d: checkpoint %s; the same command resumes from it",
                         received, self.step, self.total_steps, where)
+        if self.remote is not None:
+            from megamod.training.preemption import EXIT_PREEMPTED
+
+            self.remote.close(EXIT_PREEMPTED)
         raise Preempted(self.step, received)
 
     def export(self, directory: str) -> None:

@@ -1,0 +1,170 @@
+"""The teacher's ranks: receive each served student data-parallel rank's micro-batches, run the frozen teacher at its
+own layout (megamod's forward-only pass through megatron's pipeline schedule), send the rows back (rows.py).
+
+The student decides everything: which samples (its sampler), when to stop (a stop message carrying its exit status:
+0 at the end, 75 when it stopped on a signal after a checkpoint). Nothing of the teacher is checkpointed: a resumed
+student sends the samples of its resumed step. Stop signals reaching a teacher rank are ignored: the student's ranks
+agree when to stop and say so.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from megamod.teacher_ranks import routes, rows, wire
+
+log = logging.getLogger(__name__)
+
+
+class TeacherServer:
+    def __init__(self, cfg, split):
+        from megatron.core import parallel_state as ps
+
+        from megamod import checkpoint
+        from megamod.loading.data import check_tokenizer_fits, load_run_tokenizer
+        from megamod.loading.models import load_frozen_teacher, vocab_rows
+        from megamod.training.config import loss_weights
+        from megamod.training.objective import Objective
+        from megamod.training.stages import get_stage
+
+        self.cfg, self.split, t = cfg, split, cfg.teacher
+        self.kind = "pairs" if get_stage(cfg.stage).pairs else "conversations"
+        self.dtype = checkpoint.resolve_dtype(cfg.dtype)
+        self.tokenizer = load_run_tokenizer(cfg.data.tokenizer, cfg.student)
+        self.teacher = load_frozen_teacher(t.ckpt, self.dtype)
+        check_tokenizer_fits(self.teacher, self.tokenizer, f"teacher {t.ckpt}")
+        self.vocab_size = self.tokenizer.vocab_size
+        # the student's padded vocabulary, as the student builds it (Trainer: vocab_rows(student, teacher))
+        self.student_padded_vocab = vocab_rows(cfg.student, t.ckpt)
+        self.objective = Objective(loss_weights(cfg), self.vocab_size, self.teacher.family, cfg.loss.kd,
+                                   cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta,
+                                   chunk_tokens=cfg.loss.chunk_tokens)
+        self.routes = routes.build(wire.gather_roles(routes.role("teacher", split.global_rank), split.bridge))
+        self.replica = ps.get_data_parallel_rank()
+        self.sends_rows = split.global_rank == self.routes.rows_sender[self.replica]
+        self.outboxes = {d: wire.Outbox(split.bridge) for d in self.routes.served(self.replica)}
+        self.busy_s = self.wait_s = 0.0
+        self.micro_batches = self.steps = 0
+        self.bytes_sent = self.answer_tokens = 0
+
+    def _keep(self, mb):
+        """What the last stage keeps of the teacher's vocab-parallel logits for this micro-batch."""
+        from megatron.core import tensor_parallel
+
+        from megamod.losses.topk_kd import teacher_topk_BSK
+
+        t, V = self.cfg.teacher, self.vocab_size
+        if self.kind == "pairs":
+            return lambda logits_BSv: self.objective.reference_2B(logits_BSv, mb)
+        if t.send == "topk":
+            return lambda logits_BSv: teacher_topk_BSK(logits_BSv, V, t.topk)
+        return lambda logits_BSv: tensor_parallel.gather_from_tensor_model_parallel_region(logits_BSv)[..., :V]
+
+    def _rows(self, mb) -> list | None:
+        """Per receiving student tensor-parallel rank, the tensors to send (rows.py); None off the last stage."""
+        from megamod.inference import forward_only
+        from megamod.loading.microbatch import run_model
+
+        family = self.teacher.family
+        out = forward_only(self.teacher.model, lambda m: run_model(m, mb, family), self._keep(mb), mb.seq_length,
+                           mb.tokens.shape[0])
+        if out is None:
+            return None
+        t = self.cfg.teacher
+        if self.kind == "pairs":
+            return lambda tp: [out.double().cpu()]
+        mask_BS = mb.loss_mask.bool()
+        if t.send == "topk":
+            ids_BSK, logprobs_BSK, log_tail_BS = out
+            sent = [ids_BSK[mask_BS].to(torch.int32).cpu(), logprobs_BSK[mask_BS].to(getattr(torch, t.dtype)).cpu(),
+                    log_tail_BS[mask_BS].float().cpu()]
+            return lambda tp: sent
+        logits_NV = out[mask_BS].to(self.dtype)
+        tp_size = self.routes.student_tp
+
+        def part(tp):
+            lo, hi = rows.columns(tp, tp_size, self.student_padded_vocab, self.vocab_size)
+            return [logits_NV[:, lo:hi].cpu()]
+
+        return part
+
+    def _serve_one(self, d: int) -> int | None:
+        """One step of student data-parallel rank d; its stop status when it sent one instead."""
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        start = time.perf_counter()
+        msg = wire.recv_object(self.routes.sender[d], self.split.bridge, wire.INPUTS,
+                               f"teacher (global rank {self.split.global_rank}) waiting for the micro-batches of "
+                               f"student data-parallel rank {d}")
+        got = time.perf_counter()
+        self.wait_s += got - start
+        # d sent this after taking the previous step's rows on the rank that sends; its other ranks need nothing of
+        # ours to take theirs
+        self.outboxes[d].drain(f"teacher (global rank {self.split.global_rank}) sending rows to student "
+                               f"data-parallel rank {d}")
+        if msg["stop"] is not None:
+            return int(msg["stop"])
+        for i, (mb, ids) in enumerate(zip(msg["micro"], msg["ids"])):
+            part = self._rows(mb.to(device))
+            self.micro_batches += 1
+            if not self.sends_rows:
+                continue
+            head = rows.header(msg["step"], d, i, mb, ids)
+            self.answer_tokens += int(head[3])
+            for dst, tp in self.routes.receivers[d]:
+                self.outboxes[d].post(head, dst, wire.ROWS)
+                for tensor in part(tp):
+                    self.outboxes[d].post(tensor, dst, wire.ROWS)
+                    self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.busy_s += time.perf_counter() - got
+        return None
+
+    def serve(self) -> int:
+        """Until every served student rank sent its stop; returns the student's exit status."""
+        served = self.routes.served(self.replica)
+        codes: dict[int, int] = {}
+        previous = {s: signal.signal(signal.Signals[s], signal.SIG_IGN) for s in self.cfg.checkpoint.signals}
+        if torch.distributed.get_rank() == 0:
+            log.info("teacher ranks: %d replicas (TP=%d PP=%d) serve %d student data-parallel ranks; send %s",
+                     self.routes.teacher_dp, self.cfg.teacher.parallel.tp, self.cfg.teacher.parallel.pp,
+                     self.routes.student_dp, self.cfg.teacher.send)
+        try:
+            while len(codes) < len(served):
+                for d in served:
+                    if d not in codes:
+                        code = self._serve_one(d)
+                        if code is not None:
+                            codes[d] = code
+                self.steps += 1
+        finally:
+            for s, handler in previous.items():
+                signal.signal(signal.Signals[s], handler)
+        self._report()
+        return max(codes.values())
+
+    def _report(self) -> None:
+        """Every teacher rank's busy and waiting time, logged by the teacher's rank 0 and kept in
+        <out>/teacher_ranks.json."""
+        mine = {"global_rank": self.split.global_rank, "micro_batches": self.micro_batches, "busy_s": self.busy_s,
+                "wait_s": self.wait_s, "bytes_sent": self.bytes_sent, "answer_tokens": self.answer_tokens}
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+        if torch.distributed.get_rank() != 0:
+            return
+        busy, wait = sum(r["busy_s"] for r in every), sum(r["wait_s"] for r in every)
+        tokens = sum(r["answer_tokens"] for r in every)
+        summary = {"send": self.cfg.teacher.send, "idle_fraction": wait / max(busy + wait, 1e-9),
+                   "bytes_per_answer_token": sum(r["bytes_sent"] for r in every) / max(tokens, 1), "ranks": every}
+        log.info("teacher ranks: busy %.1f s, waiting %.1f s (idle %.0f %%), %.0f bytes sent per answer token",
+                 busy, wait, 100 * summary["idle_fraction"], summary["bytes_per_answer_token"])
+        os.makedirs(self.cfg.out, exist_ok=True)
+        with open(os.path.join(self.cfg.out, "teacher_ranks.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+def serve(cfg, split) -> int:
+    return TeacherServer(cfg, split).serve()

@@ -1,0 +1,133 @@
+"""The teacher on its own ranks (teacher: {ckpt, ranks, parallel, send}) against the in-job online teacher.
+
+Two launches as `megamod train` runs them (gloo): 4 ranks (teacher TP=2 + student DP=2) and 3 ranks (teacher TP=1 +
+student TP=2, and teacher TP=1 + student DP=2 for preference). In each launch the in-job reference runs on as many
+ranks as the student has (the others wait), so that both runs' student ranks are numbered alike. With `send: full`
+the student's loss and first-step gradients must equal the in-job run's to 1e-6 (fp32): the teacher computes the same
+logits at another tensor-parallel width, which changes only the order of its sums. A third launch: a teacher rank
+that stops answering ends the job with an error naming it, within the link's timeout.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tests.helpers import REPO, torchrun
+from tests.training_setup import base_recipe
+
+WORKER = os.path.join(REPO, "tests", "distributed", "teacher_ranks_worker.py")
+STUDENTS = {"d2d": "student", "d2s": "sparse", "preference": "sparse"}
+STEPS = 2
+
+
+def _recipe(p, stage, out, teacher, **extra):
+    return base_recipe(p["root"], stage, p[STUDENTS[stage]], out, teacher=teacher, schedule={"steps": STEPS},
+                       optim={"distributed_optimizer": True}, **extra)
+
+
+def _remote(p, tp, send="full", **more):
+    return {"ckpt": p["teacher"], "ranks": tp, "parallel": {"tp": tp}, "send": send, **more}
+
+
+def _jobs(p, root, runs):
+    """runs: name -> (stage, teacher (None: in-job), student layout, idle ranks)."""
+    jobs = []
+    for name, (stage, remote, layout, idle) in runs.items():
+        recipe = _recipe(p, stage, str(root / name), remote or p["teacher"], parallel=layout)
+        jobs.append({"recipe": recipe, "out": str(root / f"{name}.json"), "grads": str(root / f"{name}-grads"),
+                     "idle": idle})
+    return jobs
+
+
+def _launch(nproc, jobs, root, tag):
+    path = root / f"jobs-{tag}.json"
+    path.write_text(json.dumps(jobs))
+    return torchrun(nproc, [WORKER, str(path)])
+
+
+@pytest.fixture(scope="module")
+def runs(engine_setup, tmp_path_factory):
+    from megamod.data.tokenizer import load_tokenizer
+
+    p, root = engine_setup, tmp_path_factory.mktemp("teacher-ranks")
+    vocab_size = load_tokenizer(os.path.join(p["root"], "data", "tokenizer")).vocab_size
+    four = {  # teacher TP=2 on ranks 0-1, student DP=2 on ranks 2-3
+        "d2d-dp2": ("d2d", None, {}, 2), "d2d-dp2-ranks": ("d2d", _remote(p, 2), {}, None),
+        "d2s-dp2": ("d2s", None, {}, 2), "d2s-dp2-ranks": ("d2s", _remote(p, 2), {}, None),
+    }
+    three = {  # teacher TP=1 on rank 0, student TP=2 (or DP=2) on ranks 1-2
+        "d2s-tp2": ("d2s", None, {"tp": 2}, 1), "d2s-tp2-ranks": ("d2s", _remote(p, 1), {"tp": 2}, None),
+        "d2s-tp2-topk": ("d2s", _remote(p, 1, "topk", topk=vocab_size, dtype="float32"), {"tp": 2}, None),
+        "d2d-tp2": ("d2d", None, {"tp": 2}, 1), "d2d-tp2-ranks": ("d2d", _remote(p, 1), {"tp": 2}, None),
+        "preference-dp2": ("preference", None, {}, 1),
+        "preference-dp2-ranks": ("preference", _remote(p, 1, "topk"), {}, None),
+    }
+    _launch(4, _jobs(p, root, four), root, "four")
+    _launch(3, _jobs(p, root, three), root, "three")
+    return root
+
+
+def _history(root, name):
+    return json.loads((root / f"{name}.json").read_text())
+
+
+def _grads(root, name):
+    folder = root / f"{name}-grads"
+    return {f: torch.load(folder / f) for f in sorted(os.listdir(folder))}
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+PAIRS = [("d2d-dp2-ranks", "d2d-dp2"), ("d2s-dp2-ranks", "d2s-dp2"), ("d2s-tp2-ranks", "d2s-tp2"),
+         ("d2d-tp2-ranks", "d2d-tp2"), ("preference-dp2-ranks", "preference-dp2")]
+
+
+@pytest.mark.parametrize("name,reference", PAIRS)
+def test_losses_and_gradients_equal_the_in_job_teacher(runs, name, reference):
+    got, expected = _history(runs, name), _history(runs, reference)
+    assert [h["step"] for h in got] == [h["step"] for h in expected] == list(range(1, STEPS + 1))
+    for g, e in zip(got, expected):
+        keys = [k for k in ("loss", "kd", "ce", "preference", "aux") if k in e]
+        assert "kd" in keys or "preference" in keys  # the teacher's part of the loss is compared
+        for k in keys:
+            assert _rel(g[k], e[k]) <= 1e-6, (g["step"], k, g[k], e[k])
+        assert _rel(g["grad_norm"], e["grad_norm"]) <= 1e-6, (g["step"], g["grad_norm"], e["grad_norm"])
+        assert g["teacher_wait_s"] >= 0 and "teacher_wait_s" not in e
+    grads, reference_grads = _grads(runs, name), _grads(runs, reference)
+    assert grads.keys() == reference_grads.keys() and len(grads) == 2  # both student ranks
+    for rank, expected_grads in reference_grads.items():
+        assert grads[rank].keys() == expected_grads.keys() and expected_grads
+        diff = math.sqrt(sum(float((grads[rank][n] - g).double().norm()) ** 2 for n, g in expected_grads.items()))
+        norm = math.sqrt(sum(float(g.double().norm()) ** 2 for g in expected_grads.values()))
+        assert norm > 0 and diff / norm <= 1e-6, (rank, diff / norm)
+
+
+def test_topk_of_the_whole_vocabulary_is_the_in_job_kd(runs):
+    """send: topk with K = the vocabulary (fp32) goes through the cached top-k KD loss: the full distribution."""
+    got, expected = _history(runs, "d2s-tp2-topk"), _history(runs, "d2s-tp2")
+    for g, e in zip(got, expected):
+        assert _rel(g["kd"], e["kd"]) <= 1e-5 and _rel(g["loss"], e["loss"]) <= 1e-5, (g, e)
+
+
+def test_teacher_reports_its_idle_time_and_bytes(runs):
+    report = json.loads((runs / "d2s-dp2-ranks" / "teacher_ranks.json").read_text())
+    assert report["send"] == "full" and 0 <= report["idle_fraction"] <= 1
+    assert [r["global_rank"] for r in report["ranks"]] == [0, 1]
+    # full: every answer position's logits of the tokenizer's ids, fp32, to each of the student's DP ranks alone
+    assert report["bytes_per_answer_token"] > 0
+    assert sum(r["micro_batches"] for r in report["ranks"]) == 2 * STEPS * 2  # 2 teacher ranks x 2 micro x steps
+
+
+def test_a_teacher_that_hangs_ends_the_job_naming_it(engine_setup, tmp_path):
+    p = engine_setup
+    recipe = _recipe(p, "d2d", str(tmp_path / "run"), _remote(p, 1), parallel={"timeout_s": 20})
+    recipe["schedule"]["steps"] = 3
+    with pytest.raises(AssertionError) as failed:
+        _launch(2, [{"recipe": recipe, "out": str(tmp_path / "h.json"), "hang_after": 1}], tmp_path, "hang")
+    message = str(failed.value)
+    assert "torchrun failed" in message  # ended, not timed out
+    assert "nothing came from global rank 0 in time" in message and "died or hangs" in message, message[-3000:]
