@@ -156,7 +156,7 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234, ti
     default generator before slicing, so ranks must draw the same numbers.
     `timeout_s` bounds every collective of every group (gloo raises; NCCL's watchdog aborts the process), so that
     a rank that died or hangs ends the others instead of leaving them waiting forever.
-    In a world split between teacher and student ranks (teacher_ranks/world.py) the default group is this rank's
+    In a world split between teacher and student ranks (split_world.py) the default group is this rank's
     side: the layout splits that side.
     """
     launch = start_process_group(timeout_s)
@@ -199,7 +199,7 @@ def shutdown() -> None:
     """Barrier then tear down, so that no rank exits while a peer still waits on it (gloo hangs are silent)."""
     from megatron.core import parallel_state
 
-    from megamod.teacher_ranks import world
+    from megamod import split_world as world
 
     if torch.distributed.is_initialized():
         world.unsplit()  # a job split between teacher and student ranks ends together

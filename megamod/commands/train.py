@@ -23,7 +23,7 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if isinstance(cfg.teacher, TeacherRanksConfig):  # the first teacher.ranks ranks serve the teacher
-        from megamod.teacher_ranks import launch
+        from megamod.training.teacher_ranks import launch
 
         split = launch.start(cfg)
         if split.teacher:

@@ -119,7 +119,7 @@ class TeacherParallel:
 
 @dataclass
 class TeacherRanksConfig:
-    """The teacher on its own ranks (megamod/teacher_ranks): the first `ranks` ranks of the job run the frozen teacher
+    """The teacher on its own ranks (megamod/training/teacher_ranks): the first `ranks` ranks of the job run the frozen teacher
     at its own layout, forward only, and send each student data-parallel rank its rows; the other ranks train the
     student at `parallel`. `send`: "topk" (the `topk` most likely ids' log-probs + tail mass, as a teacher cache
     holds them, in `dtype`) or "full" (the log-probs of every id: exact KD, any loss.kd and temperature)."""

@@ -52,8 +52,9 @@ class Trainer:
         p = cfg.parallel
         remote = self.stage.teacher and isinstance(cfg.teacher, TeacherRanksConfig)
         split = None
-        if remote:  # the teacher on its own ranks: this process must be one of the student's (teacher_ranks/)
-            from megamod.teacher_ranks import launch, world
+        if remote:  # the teacher on its own ranks: this process must be one of the student's (training/teacher_ranks/)
+            from megamod import split_world as world
+            from megamod.training.teacher_ranks import launch
 
             split = world.current() or launch.start(cfg)
             if split.teacher:
@@ -116,7 +117,7 @@ class Trainer:
                                          initial_loss_scale=o.initial_loss_scale)
         self._build_data()
         if remote:
-            from megamod.teacher_ranks.client import RemoteTeacher
+            from megamod.training.teacher_ranks.client import RemoteTeacher
 
             self.remote = RemoteTeacher(cfg, split, self.student, self.tokenizer, self.dtype)
         self.sampler_state = None  # the data position after the micro-batches of the last step trained

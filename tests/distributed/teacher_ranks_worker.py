@@ -1,13 +1,15 @@
 """Training stages as `megamod train` runs them, in-job teacher or teacher on its own ranks, several in one torchrun
 launch (start-up is most of a small job's time on 2 cores).
 
-argv: a JSON list of jobs {"recipe": dict, "out": history JSON, "grads": folder, "idle": k?, "hang_after": n?}.
+argv: a JSON list of jobs {"recipe": dict, "out": history JSON, "grads": folder, "idle": k?, "hang_after": n?,
+"resume": [run directory, step]?}.
 A job whose recipe has teacher.ranks splits the world as `megamod train` does; one with an in-job teacher and
 "idle": k runs on the last world - k ranks (the first k wait), so that a launch of teacher + student ranks also runs
 the in-job reference on as many ranks as the student has. Rank 0 of the student's world writes the per-step history;
 every student rank writes its parameters' gradients of the first step (main_grad, as the optimizer saw them: both
 runs start from the same weights) to grads/rank{student rank}.pt. "hang_after": n makes every teacher rank stop
-answering after n steps (a teacher that hangs), without leaving the process.
+answering after n steps (a teacher that hangs), without leaving the process. "resume" starts the job from a copy
+of that run as a crash right after its checkpoint of that step left it (tests/training_setup.run_as_of).
 """
 import faulthandler
 import json
@@ -44,7 +46,7 @@ def _train(cfg, job) -> None:
 
 
 def _serve(cfg, split, job) -> None:
-    from megamod.teacher_ranks.server import TeacherServer
+    from megamod.training.teacher_ranks.server import TeacherServer
 
     server = TeacherServer(cfg, split)
     if job.get("hang_after") is not None:
@@ -64,10 +66,17 @@ def _serve(cfg, split, job) -> None:
 def run(job) -> None:
     from megatron.core import parallel_state
 
-    from megamod.teacher_ranks import launch, world
+    from megamod import split_world as world
+    from megamod.training.teacher_ranks import launch
     from megamod.training.config import TeacherRanksConfig, load_config
 
     cfg = load_config(base=job["recipe"])
+    if job.get("resume"):  # a copy of a run as a crash right after its checkpoint of step n left it
+        from tests.training_setup import run_as_of
+
+        if torch.distributed.get_rank() == 0:
+            run_as_of(job["resume"][0], cfg.out, job["resume"][1])
+        torch.distributed.barrier()
     if isinstance(cfg.teacher, TeacherRanksConfig):
         split = launch.start(cfg)
         (_serve(cfg, split, job) if split.teacher else _train(cfg, job))

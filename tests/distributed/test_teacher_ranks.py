@@ -5,7 +5,8 @@ student TP=2, and teacher TP=1 + student DP=2 for preference). In each launch th
 ranks as the student has (the others wait), so that both runs' student ranks are numbered alike. With `send: full`
 the student's loss and first-step gradients must equal the in-job run's to 1e-6 (fp32): the teacher computes the same
 logits at another tensor-parallel width, which changes only the order of its sums. A third launch: a teacher rank
-that stops answering ends the job with an error naming it, within the link's timeout.
+that stops answering ends the job with an error naming it, within the link's timeout. A run resumed from its
+checkpoint trains bitwise as the run that never stopped.
 """
 import json
 import math
@@ -41,6 +42,19 @@ def _jobs(p, root, runs):
     return jobs
 
 
+def _resume_jobs(p, root):
+    """A d2s run of 4 steps with checkpoints at 2 and 4 (teacher TP=1, student DP=2, top-64 in bf16, as recipes
+    send), and the same run resumed from a copy of it as a crash after step 2 left it."""
+    def recipe(name):
+        r = _recipe(p, "d2s", str(root / name), _remote(p, 1, "topk"), checkpoint={"every": 2, "keep": None})
+        r["schedule"]["steps"] = 4
+        return r
+
+    return [{"recipe": recipe("resume-straight"), "out": str(root / "resume-straight.json")},
+            {"recipe": recipe("resume-again"), "out": str(root / "resume-again.json"),
+             "resume": [str(root / "resume-straight"), 2]}]
+
+
 def _launch(nproc, jobs, root, tag):
     path = root / f"jobs-{tag}.json"
     path.write_text(json.dumps(jobs))
@@ -65,7 +79,7 @@ def runs(engine_setup, tmp_path_factory):
         "preference-dp2-ranks": ("preference", _remote(p, 1, "topk"), {}, None),
     }
     _launch(4, _jobs(p, root, four), root, "four")
-    _launch(3, _jobs(p, root, three), root, "three")
+    _launch(3, _jobs(p, root, three) + _resume_jobs(p, root), root, "three")
     return root
 
 
@@ -111,6 +125,16 @@ def test_topk_of_the_whole_vocabulary_is_the_in_job_kd(runs):
     got, expected = _history(runs, "d2s-tp2-topk"), _history(runs, "d2s-tp2")
     for g, e in zip(got, expected):
         assert _rel(g["kd"], e["kd"]) <= 1e-5 and _rel(g["loss"], e["loss"]) <= 1e-5, (g, e)
+
+
+def test_resume_restarts_the_teacher_from_the_students_sampler(runs):
+    """Nothing of the teacher is checkpointed: the resumed student sends the samples of step 3 on, and trains them
+    bitwise as the run that never stopped (which had sent step 3's before checkpointing step 2)."""
+    straight, again = _history(runs, "resume-straight"), _history(runs, "resume-again")
+    assert [h["step"] for h in again] == [3, 4]
+    for h, r in zip(again, straight[2:]):
+        assert {k: h[k] for k in ("loss", "kd", "ce", "aux", "grad_norm")} == \
+            {k: r[k] for k in ("loss", "kd", "ce", "aux", "grad_norm")}, h["step"]
 
 
 def test_teacher_reports_its_idle_time_and_bytes(runs):

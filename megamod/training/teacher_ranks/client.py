@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from megamod.teacher_ranks import routes, rows, wire
+from megamod.training.teacher_ranks import routes, rows, wire
 
 
 class RemoteTeacher:

@@ -2,7 +2,7 @@
 student rank builds the Trainer (which finds the split made)."""
 from __future__ import annotations
 
-from megamod.teacher_ranks import world
+from megamod import split_world as world
 
 
 def start(cfg) -> world.Split:
@@ -22,7 +22,7 @@ def start(cfg) -> world.Split:
 def serve(cfg, split: world.Split) -> int:
     """A teacher rank's whole run; returns the student's exit status (0: done; the job then ends together)."""
     from megamod import distributed
-    from megamod.teacher_ranks.server import TeacherServer
+    from megamod.training.teacher_ranks.server import TeacherServer
 
     status = TeacherServer(cfg, split).serve()
     if status == 0:

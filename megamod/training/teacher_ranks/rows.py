@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megamod.teacher_ranks import wire
+from megamod.training.teacher_ranks import wire
 
 
 def header(step: int, student_dp: int, micro: int, mb, ids: list) -> torch.Tensor:

@@ -4,7 +4,7 @@ megatron-core keeps one parallel state per process, built over torch.distributed
 ever runs one side, so each rank makes its side's group the default one: megatron's groups, checkpoints, barriers
 and every collective of the trainer then see a world of the side's ranks, numbered from 0, exactly as in a job of
 that size. The whole job stays reachable through `bridge` (the launcher's world) for the point-to-point messages
-between the sides (wire.py).
+between the sides (training/teacher_ranks/wire.py).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from megamod.teacher_ranks import routes, rows, wire
+from megamod.training.teacher_ranks import routes, rows, wire
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class TeacherServer:
         self.replica = ps.get_data_parallel_rank()
         self.sends_rows = split.global_rank == self.routes.rows_sender[self.replica]
         self.outboxes = {d: wire.Outbox(split.bridge) for d in self.routes.served(self.replica)}
-        self.busy_s = self.wait_s = 0.0
+        self.busy_s = self.wait_s = self.startup_wait_s = 0.0
         self.micro_batches = self.steps = 0
         self.bytes_sent = self.answer_tokens = 0
 
@@ -101,7 +101,10 @@ class TeacherServer:
                                f"teacher (global rank {self.split.global_rank}) waiting for the micro-batches of "
                                f"student data-parallel rank {d}")
         got = time.perf_counter()
-        self.wait_s += got - start
+        if self.steps:
+            self.wait_s += got - start
+        else:  # the first wait is the student's start-up (loading, building its data), not the teacher's idle time
+            self.startup_wait_s += got - start
         # d sent this after taking the previous step's rows on the rank that sends; its other ranks need nothing of
         # ours to take theirs
         self.outboxes[d].drain(f"teacher (global rank {self.split.global_rank}) sending rows to student "
@@ -147,10 +150,11 @@ class TeacherServer:
         return max(codes.values())
 
     def _report(self) -> None:
-        """Every teacher rank's busy and waiting time, logged by the teacher's rank 0 and kept in
-        <out>/teacher_ranks.json."""
+        """Every teacher rank's busy and waiting time (after the first step's micro-batches came), logged by the
+        teacher's rank 0 and kept in <out>/teacher_ranks.json."""
         mine = {"global_rank": self.split.global_rank, "micro_batches": self.micro_batches, "busy_s": self.busy_s,
-                "wait_s": self.wait_s, "bytes_sent": self.bytes_sent, "answer_tokens": self.answer_tokens}
+                "wait_s": self.wait_s, "startup_wait_s": self.startup_wait_s, "bytes_sent": self.bytes_sent,
+                "answer_tokens": self.answer_tokens}
         every = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(every, mine)
         if torch.distributed.get_rank() != 0:
