@@ -155,3 +155,48 @@ def test_a_teacher_that_hangs_ends_the_job_naming_it(engine_setup, tmp_path):
     message = str(failed.value)
     assert "torchrun failed" in message  # ended, not timed out
     assert "nothing came from global rank 0 in time" in message and "died or hangs" in message, message[-3000:]
+
+
+def test_a_signal_to_a_student_rank_stops_the_whole_job_and_the_rerun_finishes(engine_setup, tmp_path):
+    """`megamod train` with teacher.ranks=1 + 2 student ranks, SIGTERM to one student rank after step 2: the student
+    checkpoints its step and every rank, the teacher's too, exits 75 (a requeued SLURM job resumes); rerunning the
+    same command resumes there, the teacher restarted from the student's sampler, and finishes."""
+    import signal
+    import sys
+
+    from megamod.distributed import free_port
+    from tests.faults import rank_pid, run_watched, wait_for_step
+    from tests.training_setup import recipe
+
+    p, steps = engine_setup, 30
+    cfg = _recipe(p, "d2s", str(tmp_path / "run"), _remote(p, 1, "topk"), checkpoint={"every": 0, "keep": 1})
+    cfg["schedule"]["steps"] = steps
+    path = recipe(str(tmp_path / "d2s.yaml"), **cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "PYTHONFAULTHANDLER": "1"}
+    metrics = str(tmp_path / "run" / "metrics.jsonl")
+
+    def launch(during=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3", f"--master-port={free_port()}",
+               "-m", "megamod", "train", "--config", path]
+        rc, out, survivors = run_watched(cmd, env, str(tmp_path / "torchrun.log"), timeout_s=300, cwd=REPO,
+                                         during=during)
+        assert not survivors, f"processes outlived the run: {survivors}\n{out[-4000:]}"
+        return rc, out
+
+    def sigterm_student(proc):
+        wait_for_step(metrics, 2, proc)
+        os.kill(rank_pid(proc.pid, 2), signal.SIGTERM)  # global rank 2: the student's rank 1
+
+    rc, out = launch(sigterm_student)
+    assert rc != 0 and out.count("exitcode  : 75") == 3, out[-3000:]  # teacher and both student ranks
+    assert out.count("Traceback (most recent call last)") == 1, out[-3000:]  # torchrun's own report, no rank's
+    with open(metrics) as f:
+        stopped = [json.loads(line)["step"] for line in f][-1]
+    assert 2 <= stopped < steps
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", f"step_{stopped:07d}"]
+    rc, out = launch()
+    assert rc == 0, out[-3000:]
+    with open(metrics) as f:
+        trained = [json.loads(line)["step"] for line in f]
+    assert trained == list(range(1, stopped + 1)) + list(range(stopped + 1, steps + 1))
+    assert json.loads((tmp_path / "run" / "teacher_ranks.json").read_text())["send"] == "topk"

@@ -135,6 +135,7 @@ class TeacherServer:
             log.info("teacher ranks: %d replicas (TP=%d PP=%d) serve %d student data-parallel ranks; send %s",
                      self.routes.teacher_dp, self.cfg.teacher.parallel.tp, self.cfg.teacher.parallel.pp,
                      self.routes.student_dp, self.cfg.teacher.send)
+        restore = lambda: [signal.signal(signal.Signals[s], h) for s, h in previous.items()]  # noqa: E731
         try:
             while len(codes) < len(served):
                 for d in served:
@@ -143,11 +144,16 @@ class TeacherServer:
                         if code is not None:
                             codes[d] = code
                 self.steps += 1
-        finally:
-            for s, handler in previous.items():
-                signal.signal(signal.Signals[s], handler)
+        except BaseException:
+            restore()
+            raise
+        status = max(codes.values())
+        if status == 0:
+            restore()
+        # else the student stopped on a signal: the job is ending with its status, and a launcher's SIGTERM to the
+        # ranks still up (torchrun's, once a first rank has exited) must not turn this rank's 75 into a kill
         self._report()
-        return max(codes.values())
+        return status
 
     def _report(self) -> None:
         """Every teacher rank's busy and waiting time (after the first step's micro-batches came), logged by the
