@@ -6,7 +6,7 @@ import torch
 from megamod.loading.microbatch import MicroBatch
 
 GOOD = {"stage": "d2s", "student": "s", "out": "o", "data": {"train": [{"path": "x.json"}]},
-        "teacher": {"ckpt": "t", "ranks": 4, "parallel": {"tp": 2, "pp": 2}}}
+        "teacher": {"ckpt": "t", "ranks": 4, "parallel": {"tp": 2}}}
 
 
 def _with(**teacher):
@@ -17,10 +17,11 @@ def test_recipe_forms_and_checks():
     from megamod.training.config import ConfigError, TeacherParallel, TeacherRanksConfig, load_config
 
     cfg = load_config(base=GOOD)
-    assert cfg.teacher == TeacherRanksConfig(ckpt="t", ranks=4, parallel=TeacherParallel(tp=2, pp=2))
+    assert cfg.teacher == TeacherRanksConfig(ckpt="t", ranks=4, parallel=TeacherParallel(tp=2, pp=1))
     assert (cfg.teacher.send, cfg.teacher.topk, cfg.teacher.dtype) == ("topk", 64, "bfloat16")
     bad = [(_with(ranks=0), "teacher.ranks must be >= 1"),
-           (_with(ranks=6), r"teacher.ranks 6 is not a multiple of teacher.parallel tp\*pp = 2\*2"),
+           (_with(ranks=5), r"teacher.ranks 5 is not a multiple of teacher.parallel tp\*pp = 2\*1"),
+           (_with(parallel={"tp": 1, "pp": 2}), "teacher.parallel.pp must be 1"),
            (_with(send="logits"), r"teacher.send must be one of \['topk', 'full'\]"),
            (_with(dtype="float16"), "teacher.dtype must be float32 or bfloat16"),
            (_with(topk=0), "teacher.topk must be >= 1"),
