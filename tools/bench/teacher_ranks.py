@@ -34,24 +34,18 @@ sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
 
 def _train(nproc: int, recipe: dict, root: str, name: str, timeout_s: int) -> None:
     """`megamod train` under torchrun; a failure stops the benchmark with the run's output."""
+    from megamod.distributed import free_port
+
     path = os.path.join(root, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "-m", "megamod", "train", "--config", path]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode:
         raise SystemExit(f"{name}: {' '.join(cmd)} failed ({proc.returncode})\n{proc.stdout[-4000:]}\n"
                          f"{proc.stderr[-6000:]}")
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _measure(out: str, warmup: int) -> dict:

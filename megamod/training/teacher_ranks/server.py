@@ -174,7 +174,3 @@ class TeacherServer:
         os.makedirs(self.cfg.out, exist_ok=True)
         with open(os.path.join(self.cfg.out, "teacher_ranks.json"), "w") as f:
             json.dump(summary, f, indent=1)
-
-
-def serve(cfg, split) -> int:
-    return TeacherServer(cfg, split).serve()
