@@ -48,7 +48,8 @@ def split(teacher_ranks: int, timeout_s: float) -> Split:
         return _split
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if not 0 < teacher_ranks < world:
-        raise ValueError(f"teacher.ranks = {teacher_ranks} leaves no rank for the {'student' if teacher_ranks else 'teacher'}"
+        side = "student" if teacher_ranks else "teacher"
+        raise ValueError(f"teacher.ranks = {teacher_ranks} leaves no rank for the {side}"
                          f" in a job of {world} ranks: launch teacher.ranks + the student's ranks")
     bridge = c10d.GroupMember.WORLD
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -1,8 +1,8 @@
 """The teacher on its own ranks (teacher: {ckpt, ranks, parallel, send}) against the in-job online teacher.
 
 Two launches as `megamod train` runs them (gloo): 4 ranks (teacher TP=2 + student DP=2) and 3 ranks (teacher TP=1 +
-student TP=2 or PP=2, and teacher TP=1 + student DP=2 for preference). In each launch the in-job reference runs on as many
-ranks as the student has (the others wait), so that both runs' student ranks are numbered alike. With `send: full`
+student TP=2 or PP=2, and teacher TP=1 + student DP=2 for preference). In each launch the in-job reference runs on
+as many ranks as the student has (the others wait), so that both runs' student ranks are numbered alike. With `send: full`
 the student's loss and first-step gradients must equal the in-job run's to 1e-6 (fp32): the teacher computes the same
 logits at another tensor-parallel width, which changes only the order of its sums. A third launch: a teacher rank
 that stops answering ends the job with an error naming it, within the link's timeout. A run resumed from its
