@@ -297,9 +297,6 @@ def _validate_teacher_ranks(cfg: RunConfig, where: str) -> None:
         value = getattr(t.parallel, name)
         if isinstance(value, bool) or value < 1:
             raise ConfigError(f"{where}: teacher.parallel.{name} must be >= 1, got {value!r}")
-    if t.parallel.pp > 1:  # the teacher's ranks run its forward through one pipeline stage only, for now
-        raise ConfigError(f"{where}: teacher.parallel.pp must be 1 on the teacher's own ranks (got "
-                          f"{t.parallel.pp}); use teacher.parallel.tp")
     if t.ranks % (t.parallel.tp * t.parallel.pp):
         raise ConfigError(f"{where}: teacher.ranks {t.ranks} is not a multiple of teacher.parallel tp*pp = "
                           f"{t.parallel.tp}*{t.parallel.pp}")

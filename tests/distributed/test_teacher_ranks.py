@@ -70,6 +70,7 @@ def runs(engine_setup, tmp_path_factory):
     four = {  # teacher TP=2 on ranks 0-1, student DP=2 on ranks 2-3
         "d2d-dp2": ("d2d", None, {}, 2), "d2d-dp2-ranks": ("d2d", _remote(p, 2), {}, None),
         "d2s-dp2": ("d2s", None, {}, 2), "d2s-dp2-ranks": ("d2s", _remote(p, 2), {}, None),
+        "d2s-dp2-ranks-pp2": ("d2s", _remote(p, 1, pp=2), {}, None),  # teacher PP=2 on ranks 0-1
     }
     three = {  # teacher TP=1 on rank 0, student TP=2 (or DP=2) on ranks 1-2
         "d2s-tp2": ("d2s", None, {"tp": 2}, 1), "d2s-tp2-ranks": ("d2s", _remote(p, 1), {"tp": 2}, None),
@@ -97,7 +98,7 @@ def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-PAIRS = [("d2d-dp2-ranks", "d2d-dp2"), ("d2s-dp2-ranks", "d2s-dp2"), ("d2s-tp2-ranks", "d2s-tp2"),
+PAIRS = [("d2d-dp2-ranks", "d2d-dp2"), ("d2s-dp2-ranks", "d2s-dp2"), ("d2s-dp2-ranks-pp2", "d2s-dp2"), ("d2s-tp2-ranks", "d2s-tp2"),
          ("d2d-tp2-ranks", "d2d-tp2"), ("d2d-pp2-ranks", "d2d-pp2"),
          ("preference-dp2-ranks", "preference-dp2")]
 

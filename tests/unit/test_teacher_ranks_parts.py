@@ -21,7 +21,8 @@ def test_recipe_forms_and_checks():
     assert (cfg.teacher.send, cfg.teacher.topk, cfg.teacher.dtype) == ("topk", 64, "bfloat16")
     bad = [(_with(ranks=0), "teacher.ranks must be >= 1"),
            (_with(ranks=5), r"teacher.ranks 5 is not a multiple of teacher.parallel tp\*pp = 2\*1"),
-           (_with(parallel={"tp": 1, "pp": 2}), "teacher.parallel.pp must be 1"),
+           (_with(ranks=6, parallel={"tp": 2, "pp": 2}), r"teacher.ranks 6 is not a multiple of .* = 2\*2"),
+           (_with(parallel={"tp": 2, "pp": 0}), "teacher.parallel.pp must be >= 1"),
            (_with(send="logits"), r"teacher.send must be one of \['topk', 'full'\]"),
            (_with(dtype="float16"), "teacher.dtype must be float32 or bfloat16"),
            (_with(topk=0), "teacher.topk must be >= 1"),
@@ -31,6 +32,7 @@ def test_recipe_forms_and_checks():
     for recipe, message in bad:
         with pytest.raises(ConfigError, match=message):
             load_config(base=recipe)
+    assert load_config(base=_with(parallel={"tp": 2, "pp": 2})).teacher.parallel == TeacherParallel(tp=2, pp=2)
     # exact KD at any temperature goes with send: full; preference pairs ignore the top-k settings
     assert load_config(base={**_with(send="full"), "loss": {"kd": "reverse", "temperature": 2.0}}).teacher.send == "full"
     assert load_config(base={**_with(topk=0), "stage": "preference",
