@@ -44,16 +44,9 @@ class TeacherServer:
         self.objective = Objective(loss_weights(cfg), self.vocab_size, self.teacher.family, cfg.loss.kd,
                                    cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta,
                                    chunk_tokens=cfg.loss.chunk_tokens)
-        padded = self.teacher.language.padded_vocab_size
-        self.routes = routes.build(wire.gather_roles(routes.role("teacher", split.global_rank, padded),
-                                                     split.bridge))
+        self.routes = routes.build(wire.gather_roles(routes.role("teacher", split.global_rank), split.bridge))
         self.replica = ps.get_data_parallel_rank()
-        self.counts_tokens = split.global_rank == self.routes.rows_sender[self.replica]
-        # full: every last-stage rank sends from its own vocabulary shard; top-k and pairs: tensor-parallel rank 0
-        shards = {rank: (lo, hi) for rank, lo, hi in self.routes.shards[self.replica]}
-        self.shard = shards.get(split.global_rank)
-        full = t.send == "full" and self.kind == "conversations"
-        self.sends_rows = self.shard is not None if full else self.counts_tokens
+        self.sends_rows = split.global_rank == self.routes.rows_sender[self.replica]
         self.outboxes = {d: wire.Outbox(split.bridge) for d in self.routes.served(self.replica)}
         self.busy_s = self.wait_s = self.startup_wait_s = 0.0
         self.micro_batches = self.steps = 0
@@ -61,6 +54,8 @@ class TeacherServer:
 
     def _keep(self, mb):
         """What the last stage keeps of the teacher's vocab-parallel logits for this micro-batch."""
+        from megatron.core import tensor_parallel
+
         from megamod.losses.topk_kd import teacher_topk_BSK
 
         t, V = self.cfg.teacher, self.vocab_size
@@ -68,7 +63,7 @@ class TeacherServer:
             return lambda logits_BSv: self.objective.reference_2B(logits_BSv, mb)
         if t.send == "topk":
             return lambda logits_BSv: teacher_topk_BSK(logits_BSv, V, t.topk)
-        return lambda logits_BSv: logits_BSv  # this rank's shard of the vocabulary, sent as it is (routes.pieces)
+        return lambda logits_BSv: tensor_parallel.gather_from_tensor_model_parallel_region(logits_BSv)[..., :V]
 
     def _rows(self, mb) -> list | None:
         """Per receiving student tensor-parallel rank, the tensors to send (rows.py); None off the last stage."""
@@ -82,23 +77,19 @@ class TeacherServer:
             return None
         t = self.cfg.teacher
         if self.kind == "pairs":
-            return lambda tp: [out.double()]
+            return lambda tp: [out.double().cpu()]
         mask_BS = mb.loss_mask.bool()
         if t.send == "topk":
             ids_BSK, logprobs_BSK, log_tail_BS = out
-            # left on the teacher's device: wire.Outbox.post puts them where the link needs them
-            sent = [ids_BSK[mask_BS].to(torch.int32), logprobs_BSK[mask_BS].to(getattr(torch, t.dtype)),
-                    log_tail_BS[mask_BS].float()]
+            sent = [ids_BSK[mask_BS].to(torch.int32).cpu(), logprobs_BSK[mask_BS].to(getattr(torch, t.dtype)).cpu(),
+                    log_tail_BS[mask_BS].float().cpu()]
             return lambda tp: sent
-        logits_Nv = out[mask_BS].to(self.dtype)
-        shard_lo = self.shard[0]
+        logits_NV = out[mask_BS].to(self.dtype)
+        tp_size = self.routes.student_tp
 
-        def part(tp):  # nothing when this rank's shard holds none of that student rank's columns
-            lo, hi = rows.columns(tp, self.routes.student_tp, self.student_padded_vocab, self.vocab_size)
-            for rank, a, b in self.routes.pieces(self.replica, lo, hi):
-                if rank == self.split.global_rank:
-                    return [logits_Nv[:, a - shard_lo:b - shard_lo]]
-            return []
+        def part(tp):
+            lo, hi = rows.columns(tp, tp_size, self.student_padded_vocab, self.vocab_size)
+            return [logits_NV[:, lo:hi].cpu()]
 
         return part
 
@@ -126,13 +117,10 @@ class TeacherServer:
             if not self.sends_rows:
                 continue
             head = rows.header(msg["step"], d, i, mb, ids)
-            self.answer_tokens += int(head[3]) if self.counts_tokens else 0
+            self.answer_tokens += int(head[3])
             for dst, tp in self.routes.receivers[d]:
-                tensors = part(tp)
-                if not tensors:
-                    continue
                 self.outboxes[d].post(head, dst, wire.ROWS)
-                for tensor in tensors:
+                for tensor in part(tp):
                     self.outboxes[d].post(tensor, dst, wire.ROWS)
                     self.bytes_sent += tensor.numel() * tensor.element_size()
         self.busy_s += time.perf_counter() - got
