@@ -1,12 +1,12 @@
 """The teacher on its own ranks (teacher: {ckpt, ranks, parallel, send}) against the in-job online teacher.
 
-Two launches as `megamod train` runs them (gloo): 4 ranks (teacher TP=2 + student DP=2) and 3 ranks (teacher TP=1 +
-student TP=2 or PP=2, and teacher TP=1 + student DP=2 for preference). In each launch the in-job reference runs on
-as many ranks as the student has (the others wait), so that both runs' student ranks are numbered alike. With `send: full`
-the student's loss and first-step gradients must equal the in-job run's to 1e-6 (fp32): the teacher computes the same
-logits at another tensor-parallel width, which changes only the order of its sums. A third launch: a teacher rank
-that stops answering ends the job with an error naming it, within the link's timeout. A run resumed from its
-checkpoint trains bitwise as the run that never stopped.
+Two launches as `megamod train` runs them (gloo): 4 ranks (teacher TP=2 or PP=2 + student DP=2) and 3 ranks
+(teacher TP=1 + student TP=2 or PP=2, and teacher TP=1 + student DP=2 for preference). In each launch the in-job
+reference runs on as many ranks as the student has (the others wait), so that both runs' student ranks are numbered
+alike. With `send: full` the student's loss and first-step gradients must equal the in-job run's to 1e-6 (fp32): the
+teacher computes the same logits at another tensor-parallel width, which changes only the order of its sums. A third
+launch: a teacher rank that stops answering ends the job with an error naming it, within the link's timeout. A run
+resumed from its checkpoint trains bitwise as the run that never stopped.
 """
 import json
 import math
@@ -67,7 +67,7 @@ def runs(engine_setup, tmp_path_factory):
 
     p, root = engine_setup, tmp_path_factory.mktemp("teacher-ranks")
     vocab_size = load_tokenizer(os.path.join(p["root"], "data", "tokenizer")).vocab_size
-    four = {  # teacher TP=2 on ranks 0-1, student DP=2 on ranks 2-3
+    four = {  # teacher TP=2 (or PP=2) on ranks 0-1, student DP=2 on ranks 2-3
         "d2d-dp2": ("d2d", None, {}, 2), "d2d-dp2-ranks": ("d2d", _remote(p, 2), {}, None),
         "d2s-dp2": ("d2s", None, {}, 2), "d2s-dp2-ranks": ("d2s", _remote(p, 2), {}, None),
         "d2s-dp2-ranks-pp2": ("d2s", _remote(p, 1, pp=2), {}, None),  # teacher PP=2 on ranks 0-1
@@ -98,8 +98,8 @@ def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-PAIRS = [("d2d-dp2-ranks", "d2d-dp2"), ("d2s-dp2-ranks", "d2s-dp2"), ("d2s-dp2-ranks-pp2", "d2s-dp2"), ("d2s-tp2-ranks", "d2s-tp2"),
-         ("d2d-tp2-ranks", "d2d-tp2"), ("d2d-pp2-ranks", "d2d-pp2"),
+PAIRS = [("d2d-dp2-ranks", "d2d-dp2"), ("d2s-dp2-ranks", "d2s-dp2"), ("d2s-dp2-ranks-pp2", "d2s-dp2"),
+         ("d2s-tp2-ranks", "d2s-tp2"), ("d2d-tp2-ranks", "d2d-tp2"), ("d2d-pp2-ranks", "d2d-pp2"),
          ("preference-dp2-ranks", "preference-dp2")]
 
 

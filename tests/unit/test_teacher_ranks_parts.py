@@ -34,7 +34,8 @@ def test_recipe_forms_and_checks():
             load_config(base=recipe)
     assert load_config(base=_with(parallel={"tp": 2, "pp": 2})).teacher.parallel == TeacherParallel(tp=2, pp=2)
     # exact KD at any temperature goes with send: full; preference pairs ignore the top-k settings
-    assert load_config(base={**_with(send="full"), "loss": {"kd": "reverse", "temperature": 2.0}}).teacher.send == "full"
+    exact = load_config(base={**_with(send="full"), "loss": {"kd": "reverse", "temperature": 2.0}})
+    assert exact.teacher.send == "full"
     assert load_config(base={**_with(topk=0), "stage": "preference",
                              "data": {"train": [{"path": "p.jsonl"}]}}).teacher.topk == 0
 
