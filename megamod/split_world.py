@@ -54,6 +54,7 @@ def split(teacher_ranks: int, timeout_s: float) -> Split:
     bridge = c10d.GroupMember.WORLD
     timeout = datetime.timedelta(seconds=timeout_s)
     teachers, students = tuple(range(teacher_ranks)), tuple(range(teacher_ranks, world))
+    _agree_group_names(bridge)
     # Both groups are made by every rank, in this order (new_group is collective over the default group).
     groups = [torch.distributed.new_group(list(r), timeout=timeout) for r in (teachers, students)]
     mine = groups[0] if rank < teacher_ranks else groups[1]
@@ -63,6 +64,19 @@ def split(teacher_ranks: int, timeout_s: float) -> Split:
     c10d._world.pg_group_ranks[mine] = {r: r for r in range(mine.size())}
     _split = Split(rank < teacher_ranks, rank, teachers, students, bridge)
     return _split
+
+
+def _agree_group_names(bridge) -> None:
+    """Every rank names the groups it makes next alike. torch names a new group by a per-process counter and keeps
+    its rendezvous keys under that name in the launcher's store; after a split job the two sides have made different
+    numbers of groups (each its own megatron state), so a later split in the same processes would give one group
+    different names on different ranks, or reuse a name an earlier group's keys are under: its ranks then connect to
+    the wrong peers and hang. Starting from the highest counter of any rank avoids both."""
+    nccl = torch.distributed.get_backend(bridge) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    count = torch.tensor([c10d._world.group_count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=bridge)
+    c10d._world.group_count = int(count.item())
 
 
 def unsplit() -> None:
