@@ -1,12 +1,12 @@
 """The teacher on its own ranks (teacher: {ckpt, ranks, parallel, send}) against the in-job online teacher.
 
-Two launches as `megamod train` runs them (gloo): 4 ranks (teacher TP=2 or PP=2 + student DP=2) and 3 ranks
-(teacher TP=1 + student TP=2 or PP=2, and teacher TP=1 + student DP=2 for preference). In each launch the in-job
-reference runs on as many ranks as the student has (the others wait), so that both runs' student ranks are numbered
-alike. With `send: full` the student's loss and first-step gradients must equal the in-job run's to 1e-6 (fp32): the
-teacher computes the same logits at another tensor-parallel width, which changes only the order of its sums. A third
-launch: a teacher rank that stops answering ends the job with an error naming it, within the link's timeout. A run
-resumed from its checkpoint trains bitwise as the run that never stopped.
+Two launches as `megamod train` runs them (gloo): 4 ranks (teacher TP=2 + student DP=2 or TP=2, teacher PP=2 +
+student DP=2) and 3 ranks (teacher TP=1 + student TP=2 or PP=2, and teacher TP=1 + student DP=2 for preference).
+In each launch the in-job reference runs on as many ranks as the student has (the others wait), so that both runs'
+student ranks are numbered alike. With `send: full` the student's loss and first-step gradients must equal the
+in-job run's to 1e-6 (fp32): the teacher computes the same logits at another tensor-parallel width, which changes
+only the order of its sums. A third launch: a teacher rank that stops answering ends the job with an error naming
+it, within the link's timeout. A run resumed from its checkpoint trains bitwise as the run that never stopped.
 """
 import json
 import math
@@ -71,6 +71,8 @@ def runs(engine_setup, tmp_path_factory):
         "d2d-dp2": ("d2d", None, {}, 2), "d2d-dp2-ranks": ("d2d", _remote(p, 2), {}, None),
         "d2s-dp2": ("d2s", None, {}, 2), "d2s-dp2-ranks": ("d2s", _remote(p, 2), {}, None),
         "d2s-dp2-ranks-pp2": ("d2s", _remote(p, 1, pp=2), {}, None),  # teacher PP=2 on ranks 0-1
+        # teacher TP=2 + student TP=2: each student rank's columns come from both teacher shards or one
+        "d2s-tp2-idle2": ("d2s", None, {"tp": 2}, 2), "d2s-tp2-ranks-t2": ("d2s", _remote(p, 2), {"tp": 2}, None),
     }
     three = {  # teacher TP=1 on rank 0, student TP=2 (or DP=2) on ranks 1-2
         "d2s-tp2": ("d2s", None, {"tp": 2}, 1), "d2s-tp2-ranks": ("d2s", _remote(p, 1), {"tp": 2}, None),
@@ -99,7 +101,8 @@ def _rel(a, b):
 
 
 PAIRS = [("d2d-dp2-ranks", "d2d-dp2"), ("d2s-dp2-ranks", "d2s-dp2"), ("d2s-dp2-ranks-pp2", "d2s-dp2"),
-         ("d2s-tp2-ranks", "d2s-tp2"), ("d2d-tp2-ranks", "d2d-tp2"), ("d2d-pp2-ranks", "d2d-pp2"),
+         ("d2s-tp2-ranks-t2", "d2s-tp2-idle2"), ("d2s-tp2-ranks", "d2s-tp2"),
+         ("d2d-tp2-ranks", "d2d-tp2"), ("d2d-pp2-ranks", "d2d-pp2"),
          ("preference-dp2-ranks", "preference-dp2")]
 
 
@@ -140,12 +143,17 @@ def test_resume_restarts_the_teacher_from_the_students_sampler(runs):
             {k: r[k] for k in ("loss", "kd", "ce", "aux", "grad_norm")}, h["step"]
 
 
-def test_teacher_reports_its_idle_time_and_bytes(runs):
+def test_teacher_reports_its_idle_time_and_bytes(runs, engine_setup):
+    from megamod.data.tokenizer import load_tokenizer
+
+    vocab_size = load_tokenizer(os.path.join(engine_setup["root"], "data", "tokenizer")).vocab_size
     report = json.loads((runs / "d2s-dp2-ranks" / "teacher_ranks.json").read_text())
     assert report["send"] == "full" and 0 <= report["idle_fraction"] <= 1
     assert [r["global_rank"] for r in report["ranks"]] == [0, 1]
-    # full: every answer position's logits of the tokenizer's ids, fp32, to each of the student's DP ranks alone
-    assert report["bytes_per_answer_token"] > 0
+    # full: every answer position's logits of the tokenizer's ids, fp32, to each of the student's DP ranks alone,
+    # each teacher TP rank sending the ids of its own vocabulary shard (no rank gathers the whole vocabulary)
+    assert report["bytes_per_answer_token"] == 4 * vocab_size
+    assert all(r["bytes_sent"] > 0 for r in report["ranks"])
     assert sum(r["micro_batches"] for r in report["ranks"]) == 2 * STEPS * 2  # 2 teacher ranks x 2 micro x steps
 
 

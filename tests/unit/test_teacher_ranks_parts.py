@@ -40,9 +40,10 @@ def test_recipe_forms_and_checks():
                              "data": {"train": [{"path": "p.jsonl"}]}}).teacher.topk == 0
 
 
-def _roles(side, first_rank, dp, tp, pp):
+def _roles(side, first_rank, dp, tp, pp, vocab_rows=12):
     return [{"side": side, "rank": first_rank + (d * pp + s) * tp + t, "dp": d, "dp_size": dp, "tp": t, "tp_size": tp,
-             "first": s == 0, "last": s == pp - 1} for d in range(dp) for s in range(pp) for t in range(tp)]
+             "first": s == 0, "last": s == pp - 1, "vocab_rows": vocab_rows}
+            for d in range(dp) for s in range(pp) for t in range(tp)]
 
 
 def test_routes_pair_student_ranks_with_teacher_replicas():
@@ -55,6 +56,25 @@ def test_routes_pair_student_ranks_with_teacher_replicas():
     assert r.members == {0: [0, 1], 1: [2, 3]} and r.rows_sender == {0: 0, 1: 2}
     assert r.sender == {0: 4, 1: 8, 2: 12}  # first stage, tensor-parallel rank 0
     assert r.receivers[0] == [(6, 0), (7, 1)]  # the last stage's tensor-parallel ranks
+    assert r.shards == {0: [(0, 0, 6), (1, 6, 12)], 1: [(2, 0, 6), (3, 6, 12)]}  # 12 padded ids over TP=2
+
+
+def test_full_vocabulary_pieces_come_from_each_teacher_shard():
+    from megamod.training.teacher_ranks import routes, rows
+
+    # teacher TP=3 over 24 padded ids (ranks 0-2, shards of 8) + teacher PP=2 in front (ranks 3-5 are the last
+    # stage); student TP=2 over 20 padded ids; the tokenizer has 17 ids
+    r = routes.build(_roles("teacher", 0, 1, 3, 2, vocab_rows=24) + _roles("student", 6, 1, 2, 1, vocab_rows=20))
+    assert r.shards == {0: [(3, 0, 8), (4, 8, 16), (5, 16, 24)]}
+    lo, hi = rows.columns(0, 2, 20, 17)
+    assert (lo, hi) == (0, 10) and r.pieces(0, lo, hi) == [(3, 0, 8), (4, 8, 10)]
+    lo, hi = rows.columns(1, 2, 20, 17)
+    assert (lo, hi) == (10, 17) and r.pieces(0, lo, hi) == [(4, 10, 16), (5, 16, 17)]
+    assert r.pieces(0, 5, 5) == []  # a student shard of padding only needs nothing
+    # a teacher narrower than the student's columns cannot cover them
+    narrow = routes.build(_roles("teacher", 0, 1, 2, 1, vocab_rows=8) + _roles("student", 2, 1, 1, 1))
+    with pytest.raises(RuntimeError, match=r"do not cover the student's columns \[0, 10\)"):
+        narrow.pieces(0, 0, 10)
 
 
 def _micro_batch(mask_BS):

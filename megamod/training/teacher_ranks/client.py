@@ -23,17 +23,22 @@ class RemoteTeacher:
 
         self.cfg, self.split, t = cfg, split, cfg.teacher
         self.kind = "pairs" if get_stage(cfg.stage).pairs else "conversations"
-        self.routes = routes.build(wire.gather_roles(routes.role("student", split.global_rank), split.bridge))
+        padded = student.language.padded_vocab_size
+        self.routes = routes.build(wire.gather_roles(routes.role("student", split.global_rank, padded),
+                                                     split.bridge))
         self.dp = ps.get_data_parallel_rank()
         replica = self.routes.replica(self.dp)
-        self.members, self.src = self.routes.members[replica], self.routes.rows_sender[replica]
+        self.members = self.routes.members[replica]
         self.sends = split.global_rank == self.routes.sender[self.dp]
         self.receives = ps.is_pipeline_last_stage()
         tp, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-        padded = student.language.padded_vocab_size
         self.width = padded // tp_size
         lo, hi = rows.columns(tp, tp_size, padded, tokenizer.vocab_size)
-        self.cols = hi - lo
+        # who sends this rank its rows, each with how many vocabulary columns (full: one piece per teacher shard)
+        if t.send == "full" and self.kind == "conversations":
+            self.sources = [(rank, b - a) for rank, a, b in self.routes.pieces(replica, lo, hi)]
+        else:
+            self.sources = [(self.routes.rows_sender[replica], 0)]
         self.topk_dtype, self.logits_dtype = getattr(torch, t.dtype), dtype
         self.outbox = wire.Outbox(split.bridge)
         self.pending: tuple[int, list] | None = None  # the step whose micro-batches went out, its rows not back yet
@@ -64,16 +69,24 @@ class RemoteTeacher:
             what = (f"student (global rank {self.split.global_rank}) waiting for the teacher's rows of step {step}, "
                     f"micro-batch {i}")
             expected = rows.header(step, self.dp, i, mb, ids)
-            got = wire.recv(expected.shape, torch.int64, self.src, self.split.bridge, wire.ROWS, what)
-            if not torch.equal(got, expected):
-                raise wire.LinkError(f"{what}: the teacher sent rows of [step, dp, micro-batch, positions, sample ids] "
-                                     f"= {got.tolist()}, expected {expected.tolist()} (samples {ids}); refusing to "
-                                     f"train on another sample's rows")
-            n = int(expected[3])
-            tensors = [wire.recv(shape, dtype, self.src, self.split.bridge, wire.ROWS, what)
-                       for shape, dtype in rows.specs(self.kind, self.cfg.teacher.send, n, mb.pairs,
-                                                      self.cfg.teacher.topk, self.topk_dtype, self.logits_dtype,
-                                                      self.cols)]
+            pieces = []
+            for src, cols in self.sources:
+                got = wire.recv(expected.shape, torch.int64, src, self.split.bridge, wire.ROWS, what)
+                if not torch.equal(got, expected):
+                    raise wire.LinkError(f"{what}: global rank {src} sent rows of [step, dp, micro-batch, positions, "
+                                         f"sample ids] = {got.tolist()}, expected {expected.tolist()} (samples "
+                                         f"{ids}); refusing to train on another sample's rows")
+                pieces.append([wire.recv(shape, dtype, src, self.split.bridge, wire.ROWS, what)
+                               for shape, dtype in rows.specs(self.kind, self.cfg.teacher.send, int(expected[3]),
+                                                              mb.pairs, self.cfg.teacher.topk, self.topk_dtype,
+                                                              self.logits_dtype, cols)])
+            # full: the teacher shards' columns side by side (none for a shard of padding only); otherwise the one
+            # sender's tensors
+            if self.cfg.teacher.send == "full" and self.kind == "conversations":
+                tensors = [torch.cat([p[0] for p in pieces], dim=1) if pieces
+                           else torch.empty(int(expected[3]), 0, dtype=self.logits_dtype)]
+            else:
+                tensors = pieces[0]
             out.append(dataclasses.replace(mb, cached=rows.scatter(self.kind, self.cfg.teacher.send, tensors, mb,
                                                                    self.width)))
         self.wait_s += time.perf_counter() - start

@@ -44,9 +44,16 @@ class TeacherServer:
         self.objective = Objective(loss_weights(cfg), self.vocab_size, self.teacher.family, cfg.loss.kd,
                                    cfg.loss.temperature, cfg.loss.preference, cfg.loss.beta,
                                    chunk_tokens=cfg.loss.chunk_tokens)
-        self.routes = routes.build(wire.gather_roles(routes.role("teacher", split.global_rank), split.bridge))
+        padded = self.teacher.language.padded_vocab_size
+        self.routes = routes.build(wire.gather_roles(routes.role("teacher", split.global_rank, padded),
+                                                     split.bridge))
         self.replica = ps.get_data_parallel_rank()
-        self.sends_rows = split.global_rank == self.routes.rows_sender[self.replica]
+        self.counts_tokens = split.global_rank == self.routes.rows_sender[self.replica]
+        # full: every last-stage rank sends from its own vocabulary shard; top-k and pairs: tensor-parallel rank 0
+        shards = {rank: (lo, hi) for rank, lo, hi in self.routes.shards[self.replica]}
+        self.shard = shards.get(split.global_rank)
+        full = t.send == "full" and self.kind == "conversations"
+        self.sends_rows = self.shard is not None if full else self.counts_tokens
         self.outboxes = {d: wire.Outbox(split.bridge) for d in self.routes.served(self.replica)}
         self.busy_s = self.wait_s = self.startup_wait_s = 0.0
         self.micro_batches = self.steps = 0
@@ -54,8 +61,6 @@ class TeacherServer:
 
     def _keep(self, mb):
         """What the last stage keeps of the teacher's vocab-parallel logits for this micro-batch."""
-        from megatron.core import tensor_parallel
-
         from megamod.losses.topk_kd import teacher_topk_BSK
 
         t, V = self.cfg.teacher, self.vocab_size
@@ -63,7 +68,7 @@ class TeacherServer:
             return lambda logits_BSv: self.objective.reference_2B(logits_BSv, mb)
         if t.send == "topk":
             return lambda logits_BSv: teacher_topk_BSK(logits_BSv, V, t.topk)
-        return lambda logits_BSv: tensor_parallel.gather_from_tensor_model_parallel_region(logits_BSv)[..., :V]
+        return lambda logits_BSv: logits_BSv  # this rank's shard of the vocabulary, sent as it is (routes.pieces)
 
     def _rows(self, mb) -> list | None:
         """Per receiving student tensor-parallel rank, the tensors to send (rows.py); None off the last stage."""
@@ -77,19 +82,23 @@ class TeacherServer:
             return None
         t = self.cfg.teacher
         if self.kind == "pairs":
-            return lambda tp: [out.double().cpu()]
+            return lambda tp: [out.double()]
         mask_BS = mb.loss_mask.bool()
         if t.send == "topk":
             ids_BSK, logprobs_BSK, log_tail_BS = out
-            sent = [ids_BSK[mask_BS].to(torch.int32).cpu(), logprobs_BSK[mask_BS].to(getattr(torch, t.dtype)).cpu(),
-                    log_tail_BS[mask_BS].float().cpu()]
+            # left on the teacher's device: wire.Outbox.post puts them where the link needs them
+            sent = [ids_BSK[mask_BS].to(torch.int32), logprobs_BSK[mask_BS].to(getattr(torch, t.dtype)),
+                    log_tail_BS[mask_BS].float()]
             return lambda tp: sent
-        logits_NV = out[mask_BS].to(self.dtype)
-        tp_size = self.routes.student_tp
+        logits_Nv = out[mask_BS].to(self.dtype)
+        shard_lo = self.shard[0]
 
-        def part(tp):
-            lo, hi = rows.columns(tp, tp_size, self.student_padded_vocab, self.vocab_size)
-            return [logits_NV[:, lo:hi].cpu()]
+        def part(tp):  # nothing when this rank's shard holds none of that student rank's columns
+            lo, hi = rows.columns(tp, self.routes.student_tp, self.student_padded_vocab, self.vocab_size)
+            for rank, a, b in self.routes.pieces(self.replica, lo, hi):
+                if rank == self.split.global_rank:
+                    return [logits_Nv[:, a - shard_lo:b - shard_lo]]
+            return []
 
         return part
 
@@ -117,10 +126,13 @@ class TeacherServer:
             if not self.sends_rows:
                 continue
             head = rows.header(msg["step"], d, i, mb, ids)
-            self.answer_tokens += int(head[3])
+            self.answer_tokens += int(head[3]) if self.counts_tokens else 0
             for dst, tp in self.routes.receivers[d]:
+                tensors = part(tp)
+                if not tensors:
+                    continue
                 self.outboxes[d].post(head, dst, wire.ROWS)
-                for tensor in part(tp):
+                for tensor in tensors:
                     self.outboxes[d].post(tensor, dst, wire.ROWS)
                     self.bytes_sent += tensor.numel() * tensor.element_size()
         self.busy_s += time.perf_counter() - got
