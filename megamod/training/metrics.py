@@ -2,7 +2,7 @@
 
 FLOPs are megamod/flops.py's count: what the step computes, frozen weights without their weight gradients, causal
 attention scores, the vision towers. A distillation step counts the student's forward and backward and the online
-teacher's forward.
+teacher's forward (a teacher on its own ranks counts its forwards there: teacher_ranks/server.py).
 """
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def step_flops(loaded, tokens: int, pairs: int, images: int, groups=None) -> flo
     teacher), else forward and backward with those parameter groups trainable."""
     vision = loaded.family.vision(loaded.cfg)
     return model_flops(loaded.language, vision, tokens, pairs, images, groups)["total"]
+
+
+def micro_batch_counts(mbs: list) -> tuple[int, int, float]:
+    """Real tokens, images and causal (query, key) pairs of these micro-batches: what step_flops counts."""
+    lengths = [(~m.padding).sum(1).to(torch.float64) for m in mbs]
+    return (sum(m.num_tokens for m in mbs), sum(m.num_images for m in mbs),
+            sum(float((n * (n + 1) / 2).sum()) for n in lengths))
 
 
 def peak_memory_gb() -> float:

@@ -26,7 +26,7 @@ from megamod.distributed import collective_device
 from megamod.training import checkpoint as train_checkpoint
 from megamod.training.config import RunConfig, TeacherCacheConfig, TeacherRanksConfig, loss_weights
 from megamod.flops import vision_flops
-from megamod.training.metrics import StepLogger, Timer, peak_memory_gb, step_flops
+from megamod.training.metrics import StepLogger, Timer, micro_batch_counts, peak_memory_gb, step_flops
 from megamod.loading.data import check_tokenizer_fits, load_run_tokenizer
 from megamod.loading.microbatch import from_batch, pad_to
 from megamod.loading.models import check_compatible, describe, load, load_teacher, vocab_rows
@@ -303,10 +303,7 @@ class Trainer:
     def _throughput(self, mbs: list, seconds: float) -> dict:
         from megatron.core import parallel_state as ps
 
-        lengths = [(~m.padding).sum(1).to(torch.float64) for m in mbs]
-        pairs = sum(float((n * (n + 1) / 2).sum()) for n in lengths)
-        counts = torch.tensor([sum(m.num_tokens for m in mbs), sum(m.num_images for m in mbs), pairs],
-                              dtype=torch.float64, device=collective_device())
+        counts = torch.tensor(micro_batch_counts(mbs), dtype=torch.float64, device=collective_device())
         torch.distributed.all_reduce(counts, group=ps.get_data_parallel_group())
         tokens, images, pairs = int(counts[0]), int(counts[1]), float(counts[2])
         flops = step_flops(self.student, tokens, pairs, images, self.groups)

@@ -156,6 +156,13 @@ def test_teacher_reports_its_idle_time_and_bytes(runs, engine_setup):
     assert all(r["bytes_sent"] > 0 for r in report["ranks"])
     assert sum(r["micro_batches"] for r in report["ranks"]) == 2 * STEPS * 2  # 2 teacher ranks x 2 micro x steps
 
+    def step_flops(name):  # what a run's student ranks logged: tflops_per_rank is over the student's 2 ranks
+        return sum(h["tflops_per_rank"] * 1e12 * h["step_s"] * 2 for h in _history(runs, name))
+
+    # the teacher's forwards are counted where they ran: the in-job run's FLOPs less the split run's student's
+    assert report["flops"] > 0 and report["tflops_per_rank"] > 0
+    assert _rel(report["flops"], step_flops("d2s-dp2") - step_flops("d2s-dp2-ranks")) <= 1e-9
+
 
 def test_a_teacher_that_hangs_ends_the_job_naming_it(engine_setup, tmp_path):
     p = engine_setup

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from megamod.training.metrics import micro_batch_counts, step_flops
 from megamod.training.teacher_ranks import routes, rows, wire
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class TeacherServer:
         self.busy_s = self.wait_s = self.startup_wait_s = 0.0
         self.micro_batches = self.steps = 0
         self.bytes_sent = self.answer_tokens = 0
+        self.served = [0, 0, 0.0]  # tokens, images, causal attention pairs this replica ran (metrics.step_flops)
 
     def _keep(self, mb):
         """What the last stage keeps of the teacher's vocab-parallel logits for this micro-batch."""
@@ -123,6 +125,8 @@ class TeacherServer:
         for i, (mb, ids) in enumerate(zip(msg["micro"], msg["ids"])):
             part = self._rows(mb.to(device))
             self.micro_batches += 1
+            if self.counts_tokens:  # one rank per replica
+                self.served = [a + b for a, b in zip(self.served, micro_batch_counts([mb]))]
             if not self.sends_rows:
                 continue
             head = rows.header(msg["step"], d, i, mb, ids)
@@ -168,21 +172,28 @@ class TeacherServer:
         return status
 
     def _report(self) -> None:
-        """Every teacher rank's busy and waiting time (after the first step's micro-batches came), logged by the
-        teacher's rank 0 and kept in <out>/teacher_ranks.json."""
+        """Every teacher rank's busy and waiting time (after the first step's micro-batches came), bytes sent and
+        model FLOPs run (the student's ranks log only their own), logged by the teacher's rank 0 and kept in
+        <out>/teacher_ranks.json."""
+        tokens, images, pairs = self.served
         mine = {"global_rank": self.split.global_rank, "micro_batches": self.micro_batches, "busy_s": self.busy_s,
                 "wait_s": self.wait_s, "startup_wait_s": self.startup_wait_s, "bytes_sent": self.bytes_sent,
-                "answer_tokens": self.answer_tokens}
+                "answer_tokens": self.answer_tokens,
+                "flops": step_flops(self.teacher, tokens, pairs, images) if tokens else 0.0}
         every = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(every, mine)
         if torch.distributed.get_rank() != 0:
             return
         busy, wait = sum(r["busy_s"] for r in every), sum(r["wait_s"] for r in every)
-        tokens = sum(r["answer_tokens"] for r in every)
+        tokens, flops = sum(r["answer_tokens"] for r in every), sum(r["flops"] for r in every)
+        # the teacher's forwards per rank and second over the time it served (after the student's start-up)
+        served_s = max(r["busy_s"] + r["wait_s"] for r in every)
         summary = {"send": self.cfg.teacher.send, "idle_fraction": wait / max(busy + wait, 1e-9),
-                   "bytes_per_answer_token": sum(r["bytes_sent"] for r in every) / max(tokens, 1), "ranks": every}
-        log.info("teacher ranks: busy %.1f s, waiting %.1f s (idle %.0f %%), %.0f bytes sent per answer token",
-                 busy, wait, 100 * summary["idle_fraction"], summary["bytes_per_answer_token"])
+                   "bytes_per_answer_token": sum(r["bytes_sent"] for r in every) / max(tokens, 1), "flops": flops,
+                   "tflops_per_rank": flops / max(served_s, 1e-9) / len(every) / 1e12, "ranks": every}
+        log.info("teacher ranks: busy %.1f s, waiting %.1f s (idle %.0f %%), %.0f bytes sent per answer token, "
+                 "%.3g TFLOP/s per rank", busy, wait, 100 * summary["idle_fraction"],
+                 summary["bytes_per_answer_token"], summary["tflops_per_rank"])
         os.makedirs(self.cfg.out, exist_ok=True)
         with open(os.path.join(self.cfg.out, "teacher_ranks.json"), "w") as f:
             json.dump(summary, f, indent=1)
