@@ -35,7 +35,8 @@ class RemoteTeacher:
         self.width = padded // tp_size
         lo, hi = rows.columns(tp, tp_size, padded, tokenizer.vocab_size)
         # who sends this rank its rows, each with how many vocabulary columns (full: one piece per teacher shard)
-        if t.send == "full" and self.kind == "conversations":
+        self.full = t.send == "full" and self.kind == "conversations"
+        if self.full:
             self.sources = [(rank, b - a) for rank, a, b in self.routes.pieces(replica, lo, hi)]
         else:
             self.sources = [(self.routes.rows_sender[replica], 0)]
@@ -82,7 +83,7 @@ class RemoteTeacher:
                                                               self.logits_dtype, cols)])
             # full: the teacher shards' columns side by side (none for a shard of padding only); otherwise the one
             # sender's tensors
-            if self.cfg.teacher.send == "full" and self.kind == "conversations":
+            if self.full:
                 tensors = [torch.cat([p[0] for p in pieces], dim=1) if pieces
                            else torch.empty(int(expected[3]), 0, dtype=self.logits_dtype)]
             else:

@@ -50,11 +50,18 @@ class TeacherServer:
                                                      split.bridge))
         self.replica = ps.get_data_parallel_rank()
         self.counts_tokens = split.global_rank == self.routes.rows_sender[self.replica]
-        # full: every last-stage rank sends from its own vocabulary shard; top-k and pairs: tensor-parallel rank 0
-        shards = {rank: (lo, hi) for rank, lo, hi in self.routes.shards[self.replica]}
-        self.shard = shards.get(split.global_rank)
+        # full: every last-stage rank sends each student tensor-parallel rank the columns of its own vocabulary shard
+        # that rank holds (numbered within the shard; none when it holds none); top-k and pairs: TP rank 0 sends all
         full = t.send == "full" and self.kind == "conversations"
-        self.sends_rows = self.shard is not None if full else self.counts_tokens
+        shard_lo = {rank: lo for rank, lo, _ in self.routes.shards[self.replica]}
+        self.columns = {}
+        if full and split.global_rank in shard_lo:
+            me, tp_size = split.global_rank, self.routes.student_tp
+            for tp in range(tp_size):
+                lo, hi = rows.columns(tp, tp_size, self.student_padded_vocab, self.vocab_size)
+                self.columns.update({tp: (a - shard_lo[me], b - shard_lo[me])
+                                     for rank, a, b in self.routes.pieces(self.replica, lo, hi) if rank == me})
+        self.sends_rows = split.global_rank in shard_lo if full else self.counts_tokens
         self.outboxes = {d: wire.Outbox(split.bridge) for d in self.routes.served(self.replica)}
         self.busy_s = self.wait_s = self.startup_wait_s = 0.0
         self.micro_batches = self.steps = 0
@@ -93,16 +100,7 @@ class TeacherServer:
                     log_tail_BS[mask_BS].float()]
             return lambda tp: sent
         logits_Nv = out[mask_BS].to(self.dtype)
-        shard_lo = self.shard[0]
-
-        def part(tp):  # nothing when this rank's shard holds none of that student rank's columns
-            lo, hi = rows.columns(tp, self.routes.student_tp, self.student_padded_vocab, self.vocab_size)
-            for rank, a, b in self.routes.pieces(self.replica, lo, hi):
-                if rank == self.split.global_rank:
-                    return [logits_Nv[:, a - shard_lo:b - shard_lo]]
-            return []
-
-        return part
+        return lambda tp: [logits_Nv[:, slice(*self.columns[tp])]] if tp in self.columns else []
 
     def _serve_one(self, d: int) -> int | None:
         """One step of student data-parallel rank d; its stop status when it sent one instead."""
